@@ -1,0 +1,362 @@
+//! PyTorch checkpoints: a `config.json` and a `model.safetensors` holding a module's
+//! `state_dict` with PyTorch's key names.
+//!
+//! ```json
+//! {"model": "scale_batchnorm", "in_features": 8192, "out_features": 8192, "eps": 1e-5, "momentum": 0.1}
+//! ```
+//!
+//! `model` is `swish_scale`, `scale_batchnorm` or `sigmoid_residual`. `scaling_factor` is
+//! required by the first and last; `eps` (default `1e-5`) and `momentum` (default `0.1`; `null`
+//! for PyTorch's cumulative average) belong to `scale_batchnorm`. A checkpoint is read from a
+//! directory ([`Checkpoint::from_dir`]) or from a Hugging Face Hub cache
+//! ([`Checkpoint::from_hub_cache`]). Everything is validated before use: every key, shape and
+//! dtype, and the config; each error names what is wrong and where.
+
+use crate::nn::Model;
+use candle_core::{bail, DType, Device, Result, Tensor};
+use candle_nn::{VarBuilder, VarMap};
+use serde_json::{Map, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The file names inside a checkpoint directory.
+pub const CONFIG_FILE: &str = "config.json";
+/// The weights file inside a checkpoint directory.
+pub const WEIGHTS_FILE: &str = "model.safetensors";
+
+/// Which PyTorch module a checkpoint holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ModelKind {
+    /// `SwishScale`: Linear → `y * sigmoid(y)` → `* scaling_factor`.
+    SwishScale,
+    /// `ScaleBatchNorm`: Linear → `* scale` → BatchNorm1d.
+    ScaleBatchNorm,
+    /// `SigmoidResidual`: Linear → `sigmoid * scaling_factor + y`.
+    SigmoidResidual,
+}
+
+impl ModelKind {
+    /// The name used in `config.json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModelKind::SwishScale => "swish_scale",
+            ModelKind::ScaleBatchNorm => "scale_batchnorm",
+            ModelKind::SigmoidResidual => "sigmoid_residual",
+        }
+    }
+
+    /// The prefix of the linear layer's parameters in the `state_dict`.
+    pub fn linear_prefix(self) -> &'static str {
+        match self {
+            ModelKind::SwishScale => "matmul",
+            ModelKind::ScaleBatchNorm | ModelKind::SigmoidResidual => "gemm",
+        }
+    }
+}
+
+impl std::str::FromStr for ModelKind {
+    type Err = candle_core::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "swish_scale" => ModelKind::SwishScale,
+            "scale_batchnorm" => ModelKind::ScaleBatchNorm,
+            "sigmoid_residual" => ModelKind::SigmoidResidual,
+            other => bail!(
+                "unknown model {other:?}: expected swish_scale, scale_batchnorm or sigmoid_residual"
+            ),
+        })
+    }
+}
+
+/// A checkpoint's `config.json`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelConfig {
+    /// The module.
+    pub kind: ModelKind,
+    /// The linear layer's input features.
+    pub in_features: usize,
+    /// The linear layer's output features.
+    pub out_features: usize,
+    /// The constant factor of `swish_scale` and `sigmoid_residual`.
+    pub scaling_factor: Option<f64>,
+    /// BatchNorm's epsilon (`scale_batchnorm`).
+    pub eps: f64,
+    /// BatchNorm's momentum; `None` is the cumulative moving average (`scale_batchnorm`).
+    pub momentum: Option<f64>,
+}
+
+/// PyTorch's BatchNorm defaults.
+const DEFAULT_EPS: f64 = 1e-5;
+const DEFAULT_MOMENTUM: f64 = 0.1;
+
+impl ModelConfig {
+    /// Parses and validates a `config.json` text; `origin` names it in errors.
+    pub fn from_json(text: &str, origin: &str) -> Result<Self> {
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| candle_core::Error::Msg(format!("{origin}: not valid JSON: {e}")))?;
+        let Value::Object(fields) = value else {
+            bail!("{origin}: expected a JSON object")
+        };
+        Self::from_fields(&fields).map_err(|e| candle_core::Error::Msg(format!("{origin}: {e}")))
+    }
+
+    fn from_fields(fields: &Map<String, Value>) -> Result<Self> {
+        let kind: ModelKind = match fields.get("model") {
+            Some(Value::String(s)) => s.parse()?,
+            Some(other) => bail!("\"model\" must be a string, got {other}"),
+            None => bail!("missing \"model\""),
+        };
+        let batch_norm = kind == ModelKind::ScaleBatchNorm;
+        let allowed: &[&str] = if batch_norm {
+            &["model", "in_features", "out_features", "eps", "momentum"]
+        } else {
+            &["model", "in_features", "out_features", "scaling_factor"]
+        };
+        if let Some(key) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
+            bail!("unexpected key {key:?} for model {}: allowed keys are {allowed:?}", kind.name());
+        }
+        let size = |key: &str| -> Result<usize> {
+            match fields.get(key) {
+                Some(v) => match v.as_u64() {
+                    Some(n) if n > 0 => Ok(n as usize),
+                    _ => bail!("{key:?} must be a positive integer, got {v}"),
+                },
+                None => bail!("missing {key:?}"),
+            }
+        };
+        let number = |key: &str| -> Result<Option<f64>> {
+            match fields.get(key) {
+                None => Ok(None),
+                Some(v) => match v.as_f64() {
+                    Some(f) if f.is_finite() => Ok(Some(f)),
+                    _ => bail!("{key:?} must be a finite number, got {v}"),
+                },
+            }
+        };
+        let scaling_factor = number("scaling_factor")?;
+        if !batch_norm && scaling_factor.is_none() {
+            bail!("missing \"scaling_factor\"");
+        }
+        let eps = number("eps")?.unwrap_or(DEFAULT_EPS);
+        if !(eps > 0.0) {
+            bail!("\"eps\" must be positive, got {eps}");
+        }
+        let momentum = match fields.get("momentum") {
+            Some(Value::Null) => None,
+            _ => Some(number("momentum")?.unwrap_or(DEFAULT_MOMENTUM)),
+        };
+        if let Some(m) = momentum {
+            if !(0.0..=1.0).contains(&m) {
+                bail!("\"momentum\" must be in [0, 1] or null, got {m}");
+            }
+        }
+        Ok(Self {
+            kind,
+            in_features: size("in_features")?,
+            out_features: size("out_features")?,
+            scaling_factor,
+            eps,
+            momentum,
+        })
+    }
+
+    /// The config as `config.json` text.
+    pub fn to_json(&self) -> String {
+        let mut fields = Map::new();
+        fields.insert("model".into(), self.kind.name().into());
+        fields.insert("in_features".into(), self.in_features.into());
+        fields.insert("out_features".into(), self.out_features.into());
+        if self.kind == ModelKind::ScaleBatchNorm {
+            fields.insert("eps".into(), self.eps.into());
+            fields.insert("momentum".into(), self.momentum.map_or(Value::Null, Value::from));
+        } else if let Some(f) = self.scaling_factor {
+            fields.insert("scaling_factor".into(), f.into());
+        }
+        serde_json::to_string_pretty(&Value::Object(fields)).expect("a JSON object serialises")
+    }
+
+    /// Every tensor of the model's `state_dict`: name, shape, and whether it holds floats
+    /// (else int64).
+    pub fn expected_tensors(&self) -> Vec<(String, Vec<usize>, bool)> {
+        let (i, o) = (self.in_features, self.out_features);
+        let p = self.kind.linear_prefix();
+        let mut tensors = vec![
+            (format!("{p}.weight"), vec![o, i], true),
+            (format!("{p}.bias"), vec![o], true),
+        ];
+        if self.kind == ModelKind::ScaleBatchNorm {
+            for name in ["scale", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"] {
+                tensors.push((name.to_string(), vec![o], true));
+            }
+            tensors.push(("bn.num_batches_tracked".to_string(), vec![], false));
+        }
+        tensors
+    }
+}
+
+/// A validated checkpoint: its config and its tensors (on the CPU, as stored).
+#[derive(Clone, Debug)]
+pub struct Checkpoint {
+    /// The parsed `config.json`.
+    pub config: ModelConfig,
+    /// The `state_dict`, by PyTorch key name.
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl Checkpoint {
+    /// Reads `DIR/config.json` and `DIR/model.safetensors`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        if !dir.is_dir() {
+            bail!("checkpoint directory {} does not exist", dir.display());
+        }
+        Self::from_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE))
+    }
+
+    /// Reads a checkpoint of the Hugging Face Hub model repo `repo_id` at `revision` (a branch,
+    /// tag or commit; default `main`) from the local cache `cache` (see [`hf_hub::Cache`]).
+    /// Nothing is downloaded: fetch the repo first (e.g. `huggingface-cli download REPO`).
+    pub fn from_hub_cache(cache: &hf_hub::Cache, repo_id: &str, revision: Option<&str>) -> Result<Self> {
+        let revision = revision.unwrap_or("main");
+        let repo = cache.repo(hf_hub::Repo::with_revision(
+            repo_id.to_string(),
+            hf_hub::RepoType::Model,
+            revision.to_string(),
+        ));
+        let file = |name: &str| -> Result<PathBuf> {
+            repo.get(name).ok_or_else(|| {
+                candle_core::Error::Msg(format!(
+                    "{name} of {repo_id} (revision {revision}) is not in the Hugging Face cache at {}; download the repo first",
+                    cache.path().display()
+                ))
+            })
+        };
+        Self::from_files(&file(CONFIG_FILE)?, &file(WEIGHTS_FILE)?)
+    }
+
+    /// A directory if `location` is one, else a Hub repo id (`owner/name`, optionally
+    /// `owner/name@revision`) looked up in the default cache (`HF_HOME`, else
+    /// `~/.cache/huggingface`).
+    pub fn open(location: &str) -> Result<Self> {
+        if Path::new(location).is_dir() {
+            return Self::from_dir(location);
+        }
+        let (repo_id, revision) = match location.split_once('@') {
+            Some((id, rev)) => (id, Some(rev)),
+            None => (location, None),
+        };
+        if repo_id.split('/').count() != 2 || repo_id.split('/').any(str::is_empty) {
+            bail!("{location} is neither a checkpoint directory nor a Hub repo id (owner/name)");
+        }
+        Self::from_hub_cache(&hf_hub::Cache::from_env(), repo_id, revision)
+    }
+
+    /// Reads and validates a config file and a weights file.
+    pub fn from_files(config_path: &Path, weights_path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(config_path)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", config_path.display())))?;
+        let config = ModelConfig::from_json(&text, &config_path.display().to_string())?;
+        let bytes = std::fs::read(weights_path)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", weights_path.display())))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "{} is not a valid safetensors file (truncated or corrupt?): {e}",
+                weights_path.display()
+            ))
+        })?;
+        check_tensors(&config, &tensors)
+            .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", weights_path.display())))?;
+        Ok(Self { config, tensors })
+    }
+
+    /// A builder that reads the checkpoint's tensors, converted to `dtype` on `device`
+    /// (`num_batches_tracked` stays int64). For inference.
+    pub fn var_builder(&self, dtype: DType, device: &Device) -> VarBuilder<'static> {
+        VarBuilder::from_tensors(self.tensors.clone(), dtype, device)
+    }
+
+    /// The checkpoint's tensors as trainable variables in `dtype` on `device`, under their
+    /// PyTorch names, for [`VarBuilder::from_varmap`] and candle-nn's optimizers.
+    pub fn var_map(&self, dtype: DType, device: &Device) -> Result<VarMap> {
+        let map = VarMap::new();
+        {
+            let mut vars = map
+                .data()
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("VarMap poisoned".into()))?;
+            for (name, t) in &self.tensors {
+                let dtype = if t.dtype() == DType::I64 { DType::I64 } else { dtype };
+                vars.insert(name.clone(), candle_core::Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?)?);
+            }
+        }
+        Ok(map)
+    }
+
+    /// The model, for inference, in `dtype` on `device`.
+    pub fn load_model(&self, dtype: DType, device: &Device) -> Result<Model> {
+        Model::load(self.var_builder(dtype, device), &self.config)
+    }
+
+    /// Writes `config.json` and `model.safetensors` (floats as f32, counters as int64) into
+    /// `dir`, creating it, in the layout [`Checkpoint::from_dir`] reads and PyTorch's
+    /// `load_state_dict` accepts. The tensors are validated against `config` first.
+    pub fn save(dir: impl AsRef<Path>, config: &ModelConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+        let dir = dir.as_ref();
+        let mut stored = HashMap::new();
+        for (name, t) in tensors {
+            let t = t.to_device(&Device::Cpu)?;
+            let t = if t.dtype() == DType::I64 { t } else { t.to_dtype(DType::F32)? };
+            stored.insert(name.clone(), t);
+        }
+        check_tensors(config, &stored)?;
+        std::fs::create_dir_all(dir)
+            .map_err(|e| candle_core::Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::write(dir.join(CONFIG_FILE), config.to_json() + "\n")
+            .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", dir.join(CONFIG_FILE).display())))?;
+        candle_core::safetensors::save(&stored, dir.join(WEIGHTS_FILE))
+    }
+}
+
+/// Checks that `tensors` is exactly the `state_dict` that `config` describes.
+fn check_tensors(config: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let expected = config.expected_tensors();
+    for (name, shape, float) in &expected {
+        let Some(t) = tensors.get(name) else {
+            bail!(
+                "missing tensor {name:?} (expected shape {shape:?}) for model {}",
+                config.kind.name()
+            )
+        };
+        if t.dims() != shape.as_slice() {
+            bail!(
+                "tensor {name:?} has shape {:?}, expected {shape:?} (in_features {}, out_features {})",
+                t.dims(),
+                config.in_features,
+                config.out_features
+            );
+        }
+        let ok = if *float {
+            t.dtype().is_float()
+        } else {
+            t.dtype() == DType::I64
+        };
+        if !ok {
+            let want = if *float { "a float dtype" } else { "int64" };
+            bail!("tensor {name:?} has dtype {:?}, expected {want}", t.dtype());
+        }
+    }
+    let mut extra: Vec<&String> = tensors
+        .keys()
+        .filter(|k| !expected.iter().any(|(name, _, _)| name == *k))
+        .collect();
+    extra.sort();
+    if let Some(name) = extra.first() {
+        bail!(
+            "unexpected tensor {name:?} for model {} (expected exactly {:?})",
+            config.kind.name(),
+            expected.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,402 @@
+//! candle-nn-style modules over the fused ops, built from a [`VarBuilder`] with PyTorch's
+//! parameter names.
+//!
+//! Each module reads its parameters under the names of its PyTorch original
+//! (`../scripts/export.py` defines them): `matmul.weight`, `gemm.bias`, `scale`, `bn.weight`,
+//! `bn.running_mean`, … Built from a [`VarMap`](candle_nn::VarMap)-backed builder, they train
+//! with candle-nn's optimizers; the BatchNorm running statistics are variables of that map too,
+//! updated in place by train-mode forwards, so saving the map saves them.
+
+use crate::checkpoint::{ModelConfig, ModelKind};
+use crate::epilogue::Epilogue;
+use crate::ops::{fused_linear, fused_linear_batch_norm, BatchNormParams, BatchStats, Precision};
+use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, Var};
+use candle_nn::{Init, VarBuilder};
+use std::sync::Mutex;
+
+/// A linear layer with a fused epilogue: `y = epilogue(x·Wᵀ + b)`.
+#[derive(Clone, Debug)]
+pub struct FusedLinear {
+    weight: Tensor,
+    bias: Option<Tensor>,
+    scale: Option<Tensor>,
+    epilogue: Epilogue,
+    precision: Precision,
+}
+
+impl FusedLinear {
+    /// A layer over existing tensors: `weight` `(out, in)`, `bias` and `scale` `(out,)`.
+    /// `scale` is required exactly when the epilogue's scale is per feature.
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        scale: Option<Tensor>,
+        epilogue: Epilogue,
+    ) -> Result<Self> {
+        if epilogue.has_scale_param() != scale.is_some() {
+            bail!(
+                "FusedLinear: a scale tensor must be given exactly when the epilogue's scale is per feature"
+            );
+        }
+        Ok(Self {
+            weight,
+            bias,
+            scale,
+            epilogue,
+            precision: Precision::default(),
+        })
+    }
+
+    /// Loads `weight` and `bias` (PyTorch's `nn.Linear` names) from `vb`, initialised like
+    /// PyTorch's `nn.Linear` when `vb` creates variables. A per-feature scale, if the epilogue
+    /// has one, is read by the caller (its name depends on the model) and passed to
+    /// [`FusedLinear::new`].
+    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, epilogue: Epilogue) -> Result<Self> {
+        Self::load_with_scale(vb, in_features, out_features, epilogue, None)
+    }
+
+    fn load_with_scale(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        epilogue: Epilogue,
+        scale: Option<Tensor>,
+    ) -> Result<Self> {
+        // nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) for both tensors.
+        let bound = 1.0 / (in_features as f64).sqrt();
+        let init = Init::Uniform { lo: -bound, up: bound };
+        let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
+        let bias = vb.get_with_hints(out_features, "bias", init)?;
+        Self::new(weight, Some(bias), scale, epilogue)
+    }
+
+    /// The same layer with its f32 GPU products computed in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
+    }
+
+    /// The weight, `(out, in)`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The bias, `(out,)`.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// The learned per-feature scale, `(out,)`, if the epilogue has one.
+    pub fn scale(&self) -> Option<&Tensor> {
+        self.scale.as_ref()
+    }
+
+    /// The epilogue.
+    pub fn epilogue(&self) -> Epilogue {
+        self.epilogue
+    }
+}
+
+impl Module for FusedLinear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        fused_linear(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.scale.as_ref(),
+            self.epilogue,
+            self.precision,
+        )
+    }
+}
+
+/// PyTorch's `SwishScale`: `y = z * sigmoid(z) * scaling_factor` with `z = matmul(x)`.
+#[derive(Clone, Debug)]
+pub struct SwishScale {
+    matmul: FusedLinear,
+}
+
+impl SwishScale {
+    /// Loads `matmul.weight` and `matmul.bias`.
+    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, scaling_factor: f64) -> Result<Self> {
+        let epilogue = Epilogue::swish_scale(scaling_factor);
+        let matmul = FusedLinear::load(vb.pp("matmul"), in_features, out_features, epilogue)?;
+        Ok(Self { matmul })
+    }
+
+    /// The same module with its f32 GPU products computed in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self {
+            matmul: self.matmul.with_precision(precision),
+        }
+    }
+
+    /// The trainable parameters under their PyTorch names.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        linear_parameters("matmul", &self.matmul)
+    }
+}
+
+impl Module for SwishScale {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.matmul.forward(x)
+    }
+}
+
+/// PyTorch's `SigmoidResidual`: `y = sigmoid(z) * scaling_factor + z` with `z = gemm(x)`.
+#[derive(Clone, Debug)]
+pub struct SigmoidResidual {
+    gemm: FusedLinear,
+}
+
+impl SigmoidResidual {
+    /// Loads `gemm.weight` and `gemm.bias`.
+    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, scaling_factor: f64) -> Result<Self> {
+        let epilogue = Epilogue::sigmoid_residual(scaling_factor);
+        let gemm = FusedLinear::load(vb.pp("gemm"), in_features, out_features, epilogue)?;
+        Ok(Self { gemm })
+    }
+
+    /// The same module with its f32 GPU products computed in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self {
+            gemm: self.gemm.with_precision(precision),
+        }
+    }
+
+    /// The trainable parameters under their PyTorch names.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        linear_parameters("gemm", &self.gemm)
+    }
+}
+
+impl Module for SigmoidResidual {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.gemm.forward(x)
+    }
+}
+
+/// PyTorch's `ScaleBatchNorm`: `y = bn(gemm(x) * scale)`, with `bn` a `BatchNorm1d`.
+///
+/// In train mode ([`ModuleT::forward_t`] with `train = true`) it normalises by the batch
+/// statistics and updates `bn.running_mean` (with momentum), `bn.running_var` (with the
+/// *unbiased* batch variance) and `bn.num_batches_tracked`, exactly as PyTorch; in eval mode it
+/// normalises by the running statistics.
+#[derive(Debug)]
+pub struct ScaleBatchNorm {
+    gemm: FusedLinear,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    running_mean: Var,
+    running_var: Var,
+    num_batches_tracked: Var,
+    /// Host copy of `num_batches_tracked`, for the cumulative average when momentum is `None`.
+    batches_seen: Mutex<i64>,
+    eps: f64,
+    momentum: Option<f64>,
+}
+
+impl ScaleBatchNorm {
+    /// Loads `gemm.weight`, `gemm.bias`, `scale`, `bn.weight`, `bn.bias`, `bn.running_mean`,
+    /// `bn.running_var` and `bn.num_batches_tracked`. `momentum: None` is PyTorch's cumulative
+    /// moving average.
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        eps: f64,
+        momentum: Option<f64>,
+    ) -> Result<Self> {
+        if !(eps > 0.0) {
+            bail!("ScaleBatchNorm: eps must be positive, got {eps}");
+        }
+        if let Some(m) = momentum {
+            if !(0.0..=1.0).contains(&m) {
+                bail!("ScaleBatchNorm: momentum must be in [0, 1], got {m}");
+            }
+        }
+        let scale = vb.get_with_hints(out_features, "scale", Init::Randn { mean: 0.0, stdev: 1.0 })?;
+        let gemm = FusedLinear::load_with_scale(
+            vb.pp("gemm"),
+            in_features,
+            out_features,
+            Epilogue::per_feature_scale(),
+            Some(scale),
+        )?;
+        let bn = vb.pp("bn");
+        let bn_weight = bn.get_with_hints(out_features, "weight", Init::Const(1.0))?;
+        let bn_bias = bn.get_with_hints(out_features, "bias", Init::Const(0.0))?;
+        let running_mean = Var::from_tensor(&bn.get_with_hints(out_features, "running_mean", Init::Const(0.0))?)?;
+        let running_var = Var::from_tensor(&bn.get_with_hints(out_features, "running_var", Init::Const(1.0))?)?;
+        let num_batches_tracked = Var::from_tensor(&bn.get_with_hints_dtype(
+            (),
+            "num_batches_tracked",
+            Init::Const(0.0),
+            DType::I64,
+        )?)?;
+        let batches_seen = num_batches_tracked.to_scalar::<i64>()?;
+        Ok(Self {
+            gemm,
+            bn_weight,
+            bn_bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            batches_seen: Mutex::new(batches_seen),
+            eps,
+            momentum,
+        })
+    }
+
+    /// The same module with its f32 GPU products computed in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        Self {
+            gemm: self.gemm.with_precision(precision),
+            ..self
+        }
+    }
+
+    /// The trainable parameters under their PyTorch names.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        let mut params = linear_parameters("gemm", &self.gemm);
+        params.extend([
+            ("scale".to_string(), self.gemm.scale().expect("per-feature scale").clone()),
+            ("bn.weight".to_string(), self.bn_weight.clone()),
+            ("bn.bias".to_string(), self.bn_bias.clone()),
+        ]);
+        params
+    }
+
+    /// `bn.running_mean`, `bn.running_var` and `bn.num_batches_tracked`, as they are now.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        vec![
+            ("bn.running_mean".to_string(), self.running_mean.as_tensor().clone()),
+            ("bn.running_var".to_string(), self.running_var.as_tensor().clone()),
+            (
+                "bn.num_batches_tracked".to_string(),
+                self.num_batches_tracked.as_tensor().clone(),
+            ),
+        ]
+    }
+
+    /// PyTorch's running-statistics update after a train-mode batch of `batch` rows.
+    fn update_running_stats(&self, stats: &BatchStats, batch: usize) -> Result<()> {
+        let mut seen = self
+            .batches_seen
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("ScaleBatchNorm: state poisoned".into()))?;
+        *seen += 1;
+        let factor = self.momentum.unwrap_or(1.0 / *seen as f64);
+        let dtype = self.running_mean.dtype();
+        let unbiased = (stats.var.to_dtype(DType::F64)? * (batch as f64 / (batch as f64 - 1.0)))?;
+        let blend = |running: &Var, batch_value: &Tensor| -> Result<()> {
+            let old = running.as_tensor().to_dtype(DType::F64)?;
+            let new = ((old * (1.0 - factor))? + (batch_value.to_dtype(DType::F64)? * factor)?)?;
+            running.set(&new.to_dtype(dtype)?)
+        };
+        blend(&self.running_mean, &stats.mean)?;
+        blend(&self.running_var, &unbiased)?;
+        self.num_batches_tracked
+            .set(&self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?)
+    }
+}
+
+impl ModuleT for ScaleBatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let bn = BatchNormParams {
+            weight: &self.bn_weight,
+            bias: &self.bn_bias,
+            running_mean: self.running_mean.as_tensor(),
+            running_var: self.running_var.as_tensor(),
+            eps: self.eps,
+        };
+        let (y, stats) = fused_linear_batch_norm(
+            x,
+            self.gemm.weight(),
+            self.gemm.bias(),
+            self.gemm.scale(),
+            self.gemm.epilogue(),
+            &bn,
+            train,
+            self.gemm.precision,
+        )?;
+        if let Some(stats) = stats {
+            self.update_running_stats(&stats, x.dim(0)?)?;
+        }
+        Ok(y)
+    }
+}
+
+fn linear_parameters(prefix: &str, linear: &FusedLinear) -> Vec<(String, Tensor)> {
+    let mut params = vec![(format!("{prefix}.weight"), linear.weight().clone())];
+    if let Some(b) = linear.bias() {
+        params.push((format!("{prefix}.bias"), b.clone()));
+    }
+    params
+}
+
+/// Any of the seed models, as described by a checkpoint's config.
+#[derive(Debug)]
+pub enum Model {
+    /// See [`SwishScale`].
+    SwishScale(SwishScale),
+    /// See [`ScaleBatchNorm`].
+    ScaleBatchNorm(ScaleBatchNorm),
+    /// See [`SigmoidResidual`].
+    SigmoidResidual(SigmoidResidual),
+}
+
+impl Model {
+    /// Builds the model that `config` describes from `vb` (PyTorch's key names).
+    pub fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+        let (i, o) = (config.in_features, config.out_features);
+        let factor = || {
+            config.scaling_factor.ok_or_else(|| {
+                candle_core::Error::Msg(format!("{}: the config has no scaling_factor", config.kind.name()))
+            })
+        };
+        Ok(match config.kind {
+            ModelKind::SwishScale => Model::SwishScale(SwishScale::load(vb, i, o, factor()?)?),
+            ModelKind::SigmoidResidual => Model::SigmoidResidual(SigmoidResidual::load(vb, i, o, factor()?)?),
+            ModelKind::ScaleBatchNorm => {
+                Model::ScaleBatchNorm(ScaleBatchNorm::load(vb, i, o, config.eps, config.momentum)?)
+            }
+        })
+    }
+
+    /// The same model with its f32 GPU products computed in `precision`.
+    pub fn with_precision(self, precision: Precision) -> Self {
+        match self {
+            Model::SwishScale(m) => Model::SwishScale(m.with_precision(precision)),
+            Model::ScaleBatchNorm(m) => Model::ScaleBatchNorm(m.with_precision(precision)),
+            Model::SigmoidResidual(m) => Model::SigmoidResidual(m.with_precision(precision)),
+        }
+    }
+
+    /// The trainable parameters under their PyTorch names.
+    pub fn parameters(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::SwishScale(m) => m.parameters(),
+            Model::ScaleBatchNorm(m) => m.parameters(),
+            Model::SigmoidResidual(m) => m.parameters(),
+        }
+    }
+
+    /// The non-trainable state (BatchNorm's running statistics) under PyTorch names.
+    pub fn buffers(&self) -> Vec<(String, Tensor)> {
+        match self {
+            Model::ScaleBatchNorm(m) => m.buffers(),
+            Model::SwishScale(_) | Model::SigmoidResidual(_) => Vec::new(),
+        }
+    }
+}
+
+impl ModuleT for Model {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        match self {
+            Model::SwishScale(m) => m.forward(x),
+            Model::ScaleBatchNorm(m) => m.forward_t(x, train),
+            Model::SigmoidResidual(m) => m.forward(x),
+        }
+    }
+}

@@ -1,0 +1,181 @@
+//! What a forward keeps for its backward, and the backward's device plumbing.
+
+use crate::cpu::Accum;
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Mutex;
+
+/// Tensors a forward call keeps for its backward. Written once by the forward, read by the
+/// backward; empty when no input tracked gradients.
+#[derive(Default)]
+pub(super) struct Saved {
+    preactivation: Mutex<Option<Tensor>>,
+    stats: Mutex<Option<Tensor>>,
+}
+
+/// A tensor over freshly computed storage, outside the autograd graph.
+pub(super) fn detached(storage: Storage, shape: impl Into<Shape>) -> Tensor {
+    Tensor::from_storage(storage, shape, BackpropOp::none(), false)
+}
+
+fn store(slot: &Mutex<Option<Tensor>>, tensor: Tensor) -> Result<()> {
+    *slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("fused op: saved state poisoned".into()))? = Some(tensor);
+    Ok(())
+}
+
+fn load(slot: &Mutex<Option<Tensor>>) -> Result<Option<Tensor>> {
+    Ok(slot
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("fused op: saved state poisoned".into()))?
+        .clone())
+}
+
+impl Saved {
+    /// Keeps the pre-activation `z`.
+    pub(super) fn keep_preactivation(&self, storage: Storage, shape: (usize, usize)) -> Result<()> {
+        store(&self.preactivation, detached(storage, shape))
+    }
+
+    /// Keeps the per-feature statistics, `(2, out)`: mean and biased variance.
+    pub(super) fn keep_stats(&self, stats: Tensor) -> Result<()> {
+        store(&self.stats, stats)
+    }
+
+    /// The pre-activation, if the forward kept it.
+    pub(super) fn preactivation(&self) -> Result<Option<Tensor>> {
+        load(&self.preactivation)
+    }
+
+    /// The statistics of the forward.
+    pub(super) fn stats(&self) -> Result<Tensor> {
+        match load(&self.stats)? {
+            Some(stats) => Ok(stats),
+            None => bail!("fused op: the forward has not run, no statistics were kept"),
+        }
+    }
+}
+
+/// The offset of a contiguous operand's first element, or an error.
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+pub(super) fn contiguous_start(layout: &Layout) -> Result<usize> {
+    match layout.contiguous_offsets() {
+        Some((start, _)) => Ok(start),
+        None => bail!("fused op: operand with shape {:?} is not contiguous", layout.dims()),
+    }
+}
+
+/// `(dz, dparams)` as CPU tensors of `dy`'s dtype, shaped like `dy` and `params`.
+pub(super) fn host_grads<A: Accum>(
+    dz: Vec<A>,
+    dparams: Vec<f64>,
+    dy: &Tensor,
+    params: &Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let dz = detached(Storage::Cpu(A::to_storage(dz, dy.dtype())?), dy.shape().clone());
+    let dparams = Tensor::from_vec(dparams, params.shape(), &Device::Cpu)?.to_dtype(dy.dtype())?;
+    Ok((dz, dparams))
+}
+
+/// The gradients of `z = x·Wᵀ + b` at `x` and `W` given `dz`: `dz·W` and `dzᵀ·x`.
+///
+/// On the CPU the products run in the accumulation type (Candle's CPU matmul has no bf16);
+/// elsewhere they are Candle's matmul in the tensors' dtype.
+pub(super) fn input_and_weight_grads(dz: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    match dz.device() {
+        Device::Cpu => match dz.dtype() {
+            DType::F64 => cpu_input_and_weight_grads::<f64>(dz, x, w),
+            _ => cpu_input_and_weight_grads::<f32>(dz, x, w),
+        },
+        _ => Ok((dz.matmul(w)?, dz.t()?.matmul(x)?)),
+    }
+}
+
+fn cpu_input_and_weight_grads<A: Accum>(dz: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    use crate::cpu::{matmul_into, Transpose};
+    let ((m, n), k) = (dz.dims2()?, x.dim(1)?);
+    let (dz_h, x_h, w_h) = (A::host_vec(dz)?, A::host_vec(x)?, A::host_vec(w)?);
+    let mut dx = vec![A::zero(); m * k];
+    matmul_into(&mut dx, &dz_h, &w_h, (m, k, n), Transpose::None, false);
+    let mut dw = vec![A::zero(); n * k];
+    matmul_into(&mut dw, &dz_h, &x_h, (n, k, m), Transpose::A, false);
+    let as_tensor = |v: Vec<A>, shape: (usize, usize)| -> Result<Tensor> {
+        Ok(detached(Storage::Cpu(A::to_storage(v, dz.dtype())?), shape))
+    };
+    Ok((as_tensor(dx, (m, k))?, as_tensor(dw, (n, k))?))
+}
+
+/// The error for a device no path exists for.
+pub(super) fn unsupported_device<T>(op: &str, device: &Device) -> Result<T> {
+    bail!("{op}: no implementation for device {:?}", device.location())
+}
+
+#[cfg(feature = "cuda")]
+mod cuda_glue {
+    use super::*;
+    use crate::epilogue::Epilogue;
+    use candle_core::CudaStorage;
+
+    /// A CUDA tensor's storage and first-element offset, contiguous.
+    pub(crate) fn cuda_operand<R>(t: &Tensor, f: impl FnOnce((&CudaStorage, usize)) -> Result<R>) -> Result<R> {
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(s) => f((s, contiguous_start(layout)?)),
+            _ => bail!("fused op: expected a CUDA tensor"),
+        }
+    }
+
+    /// The epilogue backward on the GPU: `(dz, dparams)`.
+    pub(crate) fn cuda_epilogue_backward(
+        dy: &Tensor,
+        z: Option<&Tensor>,
+        params: &Tensor,
+        epilogue: &Epilogue,
+    ) -> Result<(Tensor, Tensor)> {
+        let (m, n) = dy.dims2()?;
+        let (dz, dparams) = cuda_operand(dy, |dy| {
+            cuda_operand(params, |p| match z {
+                Some(z) => cuda_operand(z, |z| crate::cuda::epilogue_backward(dy, Some(z), p, m, n, *epilogue)),
+                None => crate::cuda::epilogue_backward(dy, None, p, m, n, *epilogue),
+            })
+        })?;
+        Ok((
+            detached(Storage::Cuda(dz), (m, n)),
+            detached(Storage::Cuda(dparams), params.shape().clone()),
+        ))
+    }
+
+    /// The BatchNorm backward (composed with the epilogue's) on the GPU: `(dz, dparams)`.
+    pub(crate) fn cuda_batch_norm_backward(
+        dy: &Tensor,
+        z: Option<&Tensor>,
+        params: &Tensor,
+        stats: &Tensor,
+        epilogue: &Epilogue,
+        eps: f64,
+        train: bool,
+    ) -> Result<(Tensor, Tensor)> {
+        let Some(z) = z else {
+            bail!("fused_linear_batch_norm: backward without a kept pre-activation")
+        };
+        let (m, n) = dy.dims2()?;
+        let (dz, dparams) = cuda_operand(dy, |dy| {
+            cuda_operand(z, |z| {
+                cuda_operand(params, |p| {
+                    cuda_operand(stats, |s| {
+                        crate::cuda::batch_norm_backward(dy, z, p, s, m, n, *epilogue, eps, train)
+                    })
+                })
+            })
+        })?;
+        Ok((
+            detached(Storage::Cuda(dz), (m, n)),
+            detached(Storage::Cuda(dparams), params.shape().clone()),
+        ))
+    }
+}
+
+#[cfg(feature = "cuda")]
+pub(super) use cuda_glue::*;

@@ -1,0 +1,272 @@
+//! `y = BatchNorm1d(epilogue(x·Wᵀ + b))` as a `CustomOp3` over `(x, weight, params)`.
+
+use super::autograd::{self, Saved};
+use super::{check_linear_operands, needs_grad, param_table, ParamRows, Precision};
+use crate::cpu::{self, Accum};
+use crate::epilogue::Epilogue;
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
+};
+use std::sync::Arc;
+
+/// BatchNorm1d's parameters and buffers, each of shape `(out,)` and the input's dtype.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchNormParams<'a> {
+    /// gamma (`bn.weight`).
+    pub weight: &'a Tensor,
+    /// beta (`bn.bias`).
+    pub bias: &'a Tensor,
+    /// `bn.running_mean`: used in eval mode; never receives a gradient.
+    pub running_mean: &'a Tensor,
+    /// `bn.running_var`: used in eval mode; never receives a gradient.
+    pub running_var: &'a Tensor,
+    /// Added to the variance before the square root.
+    pub eps: f64,
+}
+
+/// The batch statistics of a train-mode forward, each `(out,)`, in f32 (f64 for f64 inputs).
+#[derive(Clone, Debug)]
+pub struct BatchStats {
+    /// The per-feature mean over the batch.
+    pub mean: Tensor,
+    /// The per-feature *biased* variance over the batch (what the normalisation divides by).
+    pub var: Tensor,
+}
+
+struct LinearBatchNormOp {
+    epilogue: Epilogue,
+    rows: ParamRows,
+    eps: f64,
+    train: bool,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    precision: Precision,
+    /// Whether the forward keeps the pre-activation (some input tracks gradients).
+    keep_preactivation: bool,
+    saved: Arc<Saved>,
+}
+
+/// `y = BatchNorm1d(epilogue(x·Wᵀ + b))`, fused, in train mode (`train = true`: normalised by
+/// the batch statistics, which are returned so that the caller can update its running
+/// statistics) or eval mode (normalised by `bn.running_mean` and `bn.running_var`).
+///
+/// The operands are those of [`fused_linear`](crate::fused_linear) plus `bn`. Train mode needs
+/// a batch of at least two rows, as in PyTorch. Gradients flow to `x`, `weight`, `bias`, `scale`
+/// and BatchNorm's weight and bias; in train mode they go through the batch statistics as in
+/// PyTorch.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_linear_batch_norm(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    scale: Option<&Tensor>,
+    epilogue: Epilogue,
+    bn: &BatchNormParams,
+    train: bool,
+    precision: Precision,
+) -> Result<(Tensor, Option<BatchStats>)> {
+    const OP: &str = "fused_linear_batch_norm";
+    let mut vectors = vec![
+        ("bn.weight", bn.weight),
+        ("bn.bias", bn.bias),
+        ("bn.running_mean", bn.running_mean),
+        ("bn.running_var", bn.running_var),
+    ];
+    if let Some(b) = bias {
+        vectors.push(("bias", b));
+    }
+    match (epilogue.has_scale_param(), scale) {
+        (true, Some(s)) => vectors.push(("scale", s)),
+        (false, None) => {}
+        (true, None) => candle_core::bail!("{OP}: the epilogue has a per-feature scale but no scale tensor was given"),
+        (false, Some(_)) => candle_core::bail!("{OP}: a scale tensor was given but the epilogue's scale is not per-feature"),
+    }
+    let (batch, _, _) = check_linear_operands(OP, x, weight, &vectors)?;
+    if train && batch < 2 {
+        candle_core::bail!(
+            "{OP}: train mode needs more than one value per feature, got a batch of {batch}"
+        );
+    }
+    if !(bn.eps > 0.0) {
+        candle_core::bail!("{OP}: eps must be positive, got {}", bn.eps);
+    }
+    let (running_mean, running_var) = (bn.running_mean.detach(), bn.running_var.detach());
+    let mut rows: Vec<&Tensor> = scale.into_iter().collect();
+    rows.extend([bn.weight, bn.bias]);
+    if !train {
+        rows.extend([&running_mean, &running_var]);
+    }
+    let params = param_table(bias, &rows, weight)?;
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let saved = Arc::new(Saved::default());
+    let op = LinearBatchNormOp {
+        epilogue,
+        rows: ParamRows::batch_norm(&epilogue, train),
+        eps: bn.eps,
+        train,
+        precision,
+        keep_preactivation: needs_grad(&[&x, &weight, &params]),
+        saved: saved.clone(),
+    };
+    let y = x.apply_op3_arc(&weight, &params, Arc::new(Box::new(op)))?;
+    let stats = if train {
+        let stats = saved.stats()?;
+        Some(BatchStats {
+            mean: stats.get(0)?,
+            var: stats.get(1)?,
+        })
+    } else {
+        None
+    };
+    Ok((y, stats))
+}
+
+impl LinearBatchNormOp {
+    fn cpu_forward<A: Accum>(
+        &self,
+        (x, w, p): (&[A], &[A], &[A]),
+        (m, n, k): (usize, usize, usize),
+        dtype: DType,
+    ) -> Result<CpuStorage> {
+        let row = |r: usize| &p[r * n..(r + 1) * n];
+        let z = cpu::linear(x, w, row(0), m, n, k);
+        let mut y = cpu::epilogue_forward(&z, p, self.rows, n, &self.epilogue);
+        let (mean, var) = match self.rows.running_mean {
+            None => cpu::column_stats(&y, n),
+            Some(r) => {
+                let to_f64 = |v: &[A]| v.iter().map(|x| x.to_f64().unwrap()).collect::<Vec<_>>();
+                (to_f64(row(r)), to_f64(row(r + 1)))
+            }
+        };
+        let gamma = self.rows.gamma.expect("batch-norm table has a gamma row");
+        cpu::normalize(&mut y, &mean, &var, row(gamma), row(gamma + 1), self.eps);
+        if self.keep_preactivation {
+            self.saved
+                .keep_preactivation(Storage::Cpu(A::to_storage(z, dtype)?), (m, n))?;
+        }
+        let stats: Vec<A> = mean.iter().chain(&var).map(|&v| A::from(v).unwrap()).collect();
+        self.saved
+            .keep_stats(A::host_tensor(stats, (2, n))?)?;
+        A::to_storage(y, dtype)
+    }
+
+    fn cpu_backward<A: Accum>(&self, dy: &Tensor, p: &Tensor) -> Result<(Tensor, Tensor)> {
+        let z = match self.saved.preactivation()? {
+            Some(z) => A::host_vec(&z)?,
+            None => candle_core::bail!("fused_linear_batch_norm: backward without a kept pre-activation"),
+        };
+        let stats = f64::host_vec(&self.saved.stats()?)?;
+        let n = p.dim(1)?;
+        let (dz, dparams) = cpu::batch_norm_backward(
+            &A::host_vec(dy)?,
+            &z,
+            &A::host_vec(p)?,
+            self.rows,
+            stats.split_at(n),
+            n,
+            &self.epilogue,
+            self.eps,
+            self.train,
+        );
+        autograd::host_grads(dz, dparams, dy, p)
+    }
+}
+
+impl CustomOp3 for LinearBatchNormOp {
+    fn name(&self) -> &'static str {
+        "fused-linear-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+        p: &CpuStorage,
+        p_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let n = w_l.dims()[0];
+        let dims = (m, n, k);
+        let y = match x.dtype() {
+            DType::F64 => self.cpu_forward(
+                (&f64::slice(x, x_l)?, &f64::slice(w, w_l)?, &f64::slice(p, p_l)?),
+                dims,
+                x.dtype(),
+            )?,
+            dtype => self.cpu_forward(
+                (&f32::slice(x, x_l)?, &f32::slice(w, w_l)?, &f32::slice(p, p_l)?),
+                dims,
+                dtype,
+            )?,
+        };
+        Ok((y, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+        p: &candle_core::CudaStorage,
+        p_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let n = w_l.dims()[0];
+        let problem = crate::cuda::LinearProblem {
+            x: (x, autograd::contiguous_start(x_l)?),
+            w: (w, autograd::contiguous_start(w_l)?),
+            params: (p, autograd::contiguous_start(p_l)?),
+            m,
+            n,
+            k,
+            epilogue: self.epilogue,
+            precision: self.precision,
+        };
+        let (y, z, stats) = crate::cuda::linear_batch_norm_forward(
+            &problem,
+            self.eps,
+            self.train,
+            self.keep_preactivation,
+        )?;
+        if let Some(z) = z {
+            self.saved.keep_preactivation(Storage::Cuda(z), (m, n))?;
+        }
+        self.saved
+            .keep_stats(autograd::detached(Storage::Cuda(stats), (2, n)))?;
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dy = dy.contiguous()?;
+        let (dz, dparams) = match dy.device() {
+            Device::Cpu => match dy.dtype() {
+                DType::F64 => self.cpu_backward::<f64>(&dy, p)?,
+                _ => self.cpu_backward::<f32>(&dy, p)?,
+            },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => autograd::cuda_batch_norm_backward(
+                &dy,
+                self.saved.preactivation()?.as_ref(),
+                p,
+                &self.saved.stats()?,
+                &self.epilogue,
+                self.eps,
+                self.train,
+            )?,
+            device => autograd::unsupported_device(self.name(), device)?,
+        };
+        let (dx, dw) = autograd::input_and_weight_grads(&dz, x, w)?;
+        Ok((Some(dx), Some(dw), Some(dparams)))
+    }
+}

@@ -1,0 +1,183 @@
+//! `y = epilogue(x·Wᵀ + b)` as a `CustomOp3` over `(x, weight, params)`.
+
+use super::{check_linear_operands, needs_grad, param_table, ParamRows, Precision};
+use crate::cpu::{self, Accum};
+use crate::epilogue::Epilogue;
+use super::autograd::{self, Saved};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+
+/// The fused linear op. One instance serves one forward call and its backward: it holds what
+/// the forward kept for the backward.
+struct FusedLinearOp {
+    epilogue: Epilogue,
+    rows: ParamRows,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    precision: Precision,
+    /// Whether the forward keeps the pre-activation (some input tracks gradients and the
+    /// epilogue's derivative depends on `z`).
+    keep_preactivation: bool,
+    saved: Saved,
+}
+
+/// `y = epilogue(x·Wᵀ + b)`, fused: on the GPU one kernel computes the product and the
+/// epilogue; on the CPU the epilogue is one pass over the product.
+///
+/// - `x`: `(batch, in)`; `weight`: `(out, in)` (PyTorch's `nn.Linear` layout); `bias` and
+///   `scale`: `(out,)`. All of one dtype (f32, f64, f16, bf16) and one device.
+/// - `scale` is the learned per-feature factor and must be given exactly when
+///   `epilogue.scale` is [`OutputScale::PerFeature`](crate::OutputScale::PerFeature).
+/// - `precision` selects the f32 GPU product (see [`Precision`]).
+///
+/// Non-contiguous operands are copied to contiguous ones first. Gradients flow to `x`,
+/// `weight`, `bias` and `scale` through Candle's autograd.
+pub fn fused_linear(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    scale: Option<&Tensor>,
+    epilogue: Epilogue,
+    precision: Precision,
+) -> Result<Tensor> {
+    const OP: &str = "fused_linear";
+    let mut vectors = Vec::new();
+    if let Some(b) = bias {
+        vectors.push(("bias", b));
+    }
+    match (epilogue.has_scale_param(), scale) {
+        (true, Some(s)) => vectors.push(("scale", s)),
+        (false, None) => {}
+        (true, None) => candle_core::bail!("{OP}: the epilogue has a per-feature scale but no scale tensor was given"),
+        (false, Some(_)) => candle_core::bail!("{OP}: a scale tensor was given but the epilogue's scale is not per-feature"),
+    }
+    check_linear_operands(OP, x, weight, &vectors)?;
+    let params = param_table(bias, &scale.into_iter().collect::<Vec<_>>(), weight)?;
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let op = FusedLinearOp {
+        epilogue,
+        rows: ParamRows::linear(&epilogue),
+        precision,
+        keep_preactivation: needs_grad(&[&x, &weight, &params])
+            && epilogue.backward_needs_preactivation(),
+        saved: Saved::default(),
+    };
+    x.apply_op3_arc(&weight, &params, std::sync::Arc::new(Box::new(op)))
+}
+
+impl FusedLinearOp {
+    fn cpu_forward<A: Accum>(
+        &self,
+        (x, w, p): (&[A], &[A], &[A]),
+        (m, n, k): (usize, usize, usize),
+        dtype: DType,
+    ) -> Result<CpuStorage> {
+        let z = cpu::linear(x, w, &p[..n], m, n, k);
+        let y = cpu::epilogue_forward(&z, p, self.rows, n, &self.epilogue);
+        if self.keep_preactivation {
+            self.saved
+                .keep_preactivation(Storage::Cpu(A::to_storage(z, dtype)?), (m, n))?;
+        }
+        A::to_storage(y, dtype)
+    }
+}
+
+impl CustomOp3 for FusedLinearOp {
+    fn name(&self) -> &'static str {
+        "fused-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+        p: &CpuStorage,
+        p_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let n = w_l.dims()[0];
+        let dims = (m, n, k);
+        let y = match x.dtype() {
+            DType::F64 => self.cpu_forward(
+                (&f64::slice(x, x_l)?, &f64::slice(w, w_l)?, &f64::slice(p, p_l)?),
+                dims,
+                x.dtype(),
+            )?,
+            dtype => self.cpu_forward(
+                (&f32::slice(x, x_l)?, &f32::slice(w, w_l)?, &f32::slice(p, p_l)?),
+                dims,
+                dtype,
+            )?,
+        };
+        Ok((y, Shape::from((m, n))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+        p: &candle_core::CudaStorage,
+        p_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (m, k) = x_l.shape().dims2()?;
+        let n = w_l.dims()[0];
+        let problem = crate::cuda::LinearProblem {
+            x: (x, autograd::contiguous_start(x_l)?),
+            w: (w, autograd::contiguous_start(w_l)?),
+            params: (p, autograd::contiguous_start(p_l)?),
+            m,
+            n,
+            k,
+            epilogue: self.epilogue,
+            precision: self.precision,
+        };
+        let (y, z) = crate::cuda::linear_forward(&problem, self.keep_preactivation)?;
+        if let Some(z) = z {
+            self.saved.keep_preactivation(Storage::Cuda(z), (m, n))?;
+        }
+        Ok((y, Shape::from((m, n))))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        p: &Tensor,
+        _y: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let z = self.saved.preactivation()?;
+        let dy = dy.contiguous()?;
+        let (dz, dparams) = match dy.device() {
+            Device::Cpu => match dy.dtype() {
+                DType::F64 => self.cpu_backward::<f64>(&dy, z.as_ref(), p)?,
+                _ => self.cpu_backward::<f32>(&dy, z.as_ref(), p)?,
+            },
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => autograd::cuda_epilogue_backward(&dy, z.as_ref(), p, &self.epilogue)?,
+            device => autograd::unsupported_device(self.name(), device)?,
+        };
+        let (dx, dw) = autograd::input_and_weight_grads(&dz, x, w)?;
+        Ok((Some(dx), Some(dw), Some(dparams)))
+    }
+}
+
+impl FusedLinearOp {
+    /// The epilogue backward on the CPU: `(dz, dparams)`.
+    fn cpu_backward<A: Accum>(&self, dy: &Tensor, z: Option<&Tensor>, p: &Tensor) -> Result<(Tensor, Tensor)> {
+        let z = z.map(A::host_vec).transpose()?;
+        let (dz, dparams) = cpu::epilogue_backward(
+            &A::host_vec(dy)?,
+            z.as_deref(),
+            &A::host_vec(p)?,
+            self.rows,
+            p.dim(1)?,
+            &self.epilogue,
+        );
+        autograd::host_grads(dz, dparams, dy, p)
+    }
+}

@@ -1,0 +1,190 @@
+//! The fused operators, as Candle custom ops with autograd.
+//!
+//! Two ops cover the three seed models:
+//!
+//! - [`fused_linear`]: `y = epilogue(x·Wᵀ + b)` (SwishScale, SigmoidResidual, or any
+//!   [`Epilogue`]);
+//! - [`fused_linear_batch_norm`]: `y = BatchNorm1d(epilogue(x·Wᵀ + b))` in train or eval mode
+//!   (ScaleBatchNorm).
+//!
+//! Both are `CustomOp3`s over `(x, weight, params)`, where `params` is a per-feature table of
+//! shape `(rows, out)` stacked from the bias, the optional learned scale and the BatchNorm
+//! parameters (see [`ParamRows`]). Stacking keeps the op at three inputs while Candle's autograd
+//! routes each row of the table's gradient back to the tensor it came from.
+//!
+//! **What the forward keeps for the backward.** Only when some input tracks gradients, the op
+//! keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in the input dtype), because
+//! every derivative of the epilogue is a pointwise function of `z` and recomputing it would
+//! cost a second GEMM. When the epilogue is `z * constant` nothing is kept. The BatchNorm op
+//! also keeps its `(2, out)` statistics (mean and biased variance). In inference nothing extra is
+//! kept or written.
+
+mod autograd;
+mod batch_norm;
+mod linear;
+
+pub use batch_norm::{fused_linear_batch_norm, BatchNormParams, BatchStats};
+pub use linear::fused_linear;
+
+use crate::epilogue::Epilogue;
+use candle_core::{bail, DType, Device, Result, Tensor};
+
+/// How an f32 product is computed on the GPU. bf16, f16 and f64 ignore it, and so does the CPU,
+/// which always computes f32 in f32.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Hash)]
+pub enum Precision {
+    /// fp32-accurate (the default): on the GPU an error-compensated tensor-core product whose
+    /// error against a float64 reference is no larger than twice cuBLAS's fp32 error.
+    #[default]
+    Exact,
+    /// TF32 tensor cores (10-bit mantissa inputs, f32 accumulation), like PyTorch's
+    /// `torch.backends.cuda.matmul.allow_tf32 = True`.
+    Tf32,
+}
+
+impl std::str::FromStr for Precision {
+    type Err = candle_core::Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "exact" => Ok(Precision::Exact),
+            "tf32" => Ok(Precision::Tf32),
+            other => bail!("unknown precision {other:?}: expected exact or tf32"),
+        }
+    }
+}
+
+/// Where each per-feature vector sits in the op's `(rows, out)` parameter table.
+///
+/// Row 0 is the bias, then the learned scale when the epilogue has one; the BatchNorm op
+/// appends gamma and beta, and in eval mode the running mean and variance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ParamRows {
+    /// Row of the per-feature scale, if the epilogue has one.
+    pub scale: Option<usize>,
+    /// Row of BatchNorm's gamma (beta follows it), if this is the BatchNorm op.
+    pub gamma: Option<usize>,
+    /// Row of the running mean (the running variance follows it), in BatchNorm eval mode.
+    pub running_mean: Option<usize>,
+    /// The number of rows.
+    pub len: usize,
+}
+
+impl ParamRows {
+    /// The rows of a fused linear op's table.
+    pub fn linear(epilogue: &Epilogue) -> Self {
+        let scale = epilogue.has_scale_param().then_some(1);
+        ParamRows {
+            scale,
+            gamma: None,
+            running_mean: None,
+            len: 1 + scale.is_some() as usize,
+        }
+    }
+
+    /// The rows of a fused linear + BatchNorm op's table.
+    pub fn batch_norm(epilogue: &Epilogue, train: bool) -> Self {
+        let linear = Self::linear(epilogue);
+        let gamma = linear.len;
+        let running_mean = (!train).then_some(gamma + 2);
+        ParamRows {
+            gamma: Some(gamma),
+            running_mean,
+            len: gamma + if train { 2 } else { 4 },
+            ..linear
+        }
+    }
+}
+
+/// Checks the operands of a fused linear layer and returns `(batch, in, out)`.
+///
+/// Every message names the tensor at fault, so that a wrong checkpoint or input is found from
+/// the error alone.
+fn check_linear_operands(
+    op: &str,
+    x: &Tensor,
+    weight: &Tensor,
+    vectors: &[(&str, &Tensor)],
+) -> Result<(usize, usize, usize)> {
+    let (batch, in_features) = match x.dims() {
+        &[b, i] => (b, i),
+        dims => bail!("{op}: the input must have shape (batch, in_features), got shape {dims:?}"),
+    };
+    let (out_features, w_in) = match weight.dims() {
+        &[o, i] => (o, i),
+        dims => bail!("{op}: the weight must have shape (out_features, in_features), got {dims:?}"),
+    };
+    if batch == 0 || in_features == 0 || out_features == 0 {
+        bail!(
+            "{op}: empty operands: input {:?}, weight {:?}",
+            x.dims(),
+            weight.dims()
+        );
+    }
+    if w_in != in_features {
+        bail!(
+            "{op}: the input has {in_features} features but the weight {:?} expects {w_in}",
+            weight.dims()
+        );
+    }
+    let dtype = x.dtype();
+    if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
+        bail!("{op}: unsupported dtype {dtype:?}: expected f32, f64, f16 or bf16");
+    }
+    let mut named = vec![("weight", weight)];
+    named.extend_from_slice(vectors);
+    for (name, t) in named {
+        if t.dtype() != dtype {
+            bail!(
+                "{op}: {name} has dtype {:?} but the input has {dtype:?}",
+                t.dtype()
+            );
+        }
+        if !t.device().same_device(x.device()) {
+            bail!(
+                "{op}: {name} is on {} but the input is on {}",
+                describe_device(t.device()),
+                describe_device(x.device())
+            );
+        }
+    }
+    for (name, t) in vectors {
+        if t.dims() != [out_features] {
+            bail!(
+                "{op}: {name} must have shape ({out_features},), got {:?}",
+                t.dims()
+            );
+        }
+    }
+    Ok((batch, in_features, out_features))
+}
+
+/// A short device name for error messages.
+fn describe_device(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Stacks per-feature vectors into the op's `(rows, out)` table (autograd splits its gradient
+/// back). A missing bias becomes a constant zero row.
+fn param_table(bias: Option<&Tensor>, rest: &[&Tensor], like: &Tensor) -> Result<Tensor> {
+    let zero_bias;
+    let bias = match bias {
+        Some(b) => b,
+        None => {
+            zero_bias = Tensor::zeros(like.dim(0)?, like.dtype(), like.device())?;
+            &zero_bias
+        }
+    };
+    let mut rows = vec![bias];
+    rows.extend_from_slice(rest);
+    Tensor::stack(&rows, 0)
+}
+
+/// Whether the op must keep what its backward needs: exactly when Candle records the op.
+fn needs_grad(inputs: &[&Tensor]) -> bool {
+    inputs.iter().any(|t| t.track_op())
+}

@@ -1,0 +1,126 @@
+//! Running a model the way the `run` example does, and comparing what it produces with the
+//! goldens that `scripts/export.py` computes with PyTorch in float64.
+//!
+//! A golden file (`golden.safetensors`) holds an input `x`, an upstream gradient `g`, and for
+//! each mode (`train`, `eval`): `y.<mode>`, `grad.<mode>.x`, `grad.<mode>.<parameter>`; and for
+//! BatchNorm models the buffers after one train-mode forward, `after_train.bn.running_mean`,
+//! `after_train.bn.running_var` and `after_train.bn.num_batches_tracked`.
+
+use crate::nn::Model;
+use candle_core::{DType, ModuleT, Result, Tensor, Var};
+use std::collections::HashMap;
+
+/// What one forward (and, given `g`, backward) of a model produces, under the names the `run`
+/// example writes: `y`, `grad.x`, `grad.<parameter>`, and after a train-mode forward of a
+/// BatchNorm model its buffers (`bn.running_mean`, …).
+pub fn forward_backward(model: &Model, x: &Tensor, g: Option<&Tensor>, train: bool) -> Result<Vec<(String, Tensor)>> {
+    let x = Var::from_tensor(x)?;
+    let y = model.forward_t(x.as_tensor(), train)?;
+    let mut outputs = vec![("y".to_string(), y.clone())];
+    if let Some(g) = g {
+        if g.dims() != y.dims() {
+            candle_core::bail!("the gradient g has shape {:?} but the output has {:?}", g.dims(), y.dims());
+        }
+        let grads = (y * g.to_dtype(x.dtype())?)?.sum_all()?.backward()?;
+        let mut named = vec![("x".to_string(), x.as_tensor().clone())];
+        named.extend(model.parameters());
+        for (name, t) in named {
+            let grad = grads
+                .get(&t)
+                .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached {name}")))?;
+            outputs.push((format!("grad.{name}"), grad.clone()));
+        }
+    }
+    if train {
+        outputs.extend(model.buffers());
+    }
+    Ok(outputs)
+}
+
+/// The golden key that an output of [`forward_backward`] is compared with.
+pub fn golden_key(output: &str, train: bool) -> String {
+    let mode = if train { "train" } else { "eval" };
+    match output.strip_prefix("grad.") {
+        Some(rest) => format!("grad.{mode}.{rest}"),
+        None if output == "y" => format!("y.{mode}"),
+        None => format!("after_train.{output}"),
+    }
+}
+
+/// One output's agreement with its golden.
+#[derive(Clone, Debug)]
+pub struct Comparison {
+    /// The output's name.
+    pub name: String,
+    /// `max |ours - golden| / max |golden|`, or the plain maximum difference when the golden
+    /// is zero to working precision (e.g. a bias gradient that BatchNorm cancels).
+    pub error: f64,
+    /// Whether `error` is relative (else absolute).
+    pub relative: bool,
+    /// Whether `error` is within the tolerance (always true when not `checked`).
+    pub ok: bool,
+    /// Whether the tolerance applies; see [`cancelled_by_batch_norm`].
+    pub checked: bool,
+}
+
+/// Whether `name` is a gradient that train-mode BatchNorm cancels: the loss does not depend on
+/// a per-feature shift of its input, and on a per-feature scale only through `eps`, so the
+/// gradients of the linear bias and of the learned scale are sums whose terms cancel to
+/// (nearly) zero. Their golden values lie below the resolution of f16 and bf16, so those dtypes
+/// cannot reproduce them; f32 and f64 are still held to their tolerance.
+pub fn cancelled_by_batch_norm(name: &str, train: bool, golden: &HashMap<String, Tensor>) -> bool {
+    train
+        && golden.contains_key("after_train.bn.running_mean")
+        && matches!(name, "grad.gemm.bias" | "grad.scale")
+}
+
+/// Compares every output with its golden; an output without a golden is an error. With
+/// `half_precision`, the gradients of [`cancelled_by_batch_norm`] are reported unchecked.
+pub fn compare(
+    outputs: &[(String, Tensor)],
+    golden: &HashMap<String, Tensor>,
+    train: bool,
+    tolerance: f64,
+    half_precision: bool,
+) -> Result<Vec<Comparison>> {
+    outputs
+        .iter()
+        .map(|(name, ours)| {
+            let key = golden_key(name, train);
+            let reference = golden
+                .get(&key)
+                .ok_or_else(|| candle_core::Error::Msg(format!("the golden file has no {key:?}")))?;
+            if ours.dims() != reference.dims() {
+                candle_core::bail!("{name}: shape {:?}, golden {key} has {:?}", ours.dims(), reference.dims());
+            }
+            let ours = ours.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let reference = reference.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let diff = ours
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| if a.is_finite() { (a - b).abs() } else { f64::INFINITY })
+                .fold(0f64, f64::max);
+            let magnitude = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let relative = magnitude > 1e-10;
+            let error = if relative { diff / magnitude } else { diff };
+            let checked = !(half_precision && cancelled_by_batch_norm(name, train, golden));
+            Ok(Comparison {
+                name: name.clone(),
+                error,
+                relative,
+                ok: !checked || error <= tolerance,
+                checked,
+            })
+        })
+        .collect()
+}
+
+/// The tolerance for comparing with float64 goldens: the precision of the computation.
+pub fn tolerance(dtype: DType, tf32: bool) -> f64 {
+    match dtype {
+        DType::F64 => 1e-10,
+        DType::F32 if tf32 => 5e-4,
+        DType::F32 => 1e-5,
+        _ => 1e-2,
+    }
+}
