@@ -57,7 +57,9 @@ fn parse_args() -> Result<Args> {
                     "f32" => DType::F32,
                     "f16" => DType::F16,
                     "bf16" => DType::BF16,
-                    other => candle_core::bail!("unknown dtype {other:?}: expected f32, f16 or bf16"),
+                    other => {
+                        candle_core::bail!("unknown dtype {other:?}: expected f32, f16 or bf16")
+                    }
                 }
             }
             "--precision" => parsed.precision = value("--precision", &mut args)?.parse()?,
@@ -161,7 +163,11 @@ fn run() -> Result<()> {
         x.dims(),
         outputs[0].1.dims(),
         if args.train { "train" } else { "eval" },
-        if g.is_some() { "forward+backward" } else { "forward" },
+        if g.is_some() {
+            "forward+backward"
+        } else {
+            "forward"
+        },
         elapsed.as_secs_f64() * 1e3,
     );
 
@@ -170,7 +176,10 @@ fn run() -> Result<()> {
             let mut written = HashMap::new();
             for (name, t) in &outputs {
                 if t.dtype().is_float() {
-                    written.insert(name.clone(), t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?);
+                    written.insert(
+                        name.clone(),
+                        t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
+                    );
                 }
             }
             candle_core::safetensors::save(&written, path)?;
@@ -188,7 +197,8 @@ fn run() -> Result<()> {
                     if c.relative { "rel" } else { "abs" },
                     c.error,
                     match (c.checked, c.ok) {
-                        (false, _) => "not checked: BatchNorm cancels it below this dtype's resolution",
+                        (false, _) =>
+                            "not checked: BatchNorm cancels it below this dtype's resolution",
                         (true, true) => "ok",
                         (true, false) => "OUT OF TOLERANCE",
                     }
@@ -196,7 +206,10 @@ fn run() -> Result<()> {
             }
             let bad = comparisons.iter().filter(|c| !c.ok).count();
             if bad > 0 {
-                candle_core::bail!("{bad} of {} tensors differ from PyTorch by more than {tol:.0e}", comparisons.len());
+                candle_core::bail!(
+                    "{bad} of {} tensors differ from PyTorch by more than {tol:.0e}",
+                    comparisons.len()
+                );
             }
             println!("all checked tensors match PyTorch within {tol:.0e}");
         }

@@ -114,7 +114,10 @@ impl ModelConfig {
             &["model", "in_features", "out_features", "scaling_factor"]
         };
         if let Some(key) = fields.keys().find(|k| !allowed.contains(&k.as_str())) {
-            bail!("unexpected key {key:?} for model {}: allowed keys are {allowed:?}", kind.name());
+            bail!(
+                "unexpected key {key:?} for model {}: allowed keys are {allowed:?}",
+                kind.name()
+            );
         }
         let size = |key: &str| -> Result<usize> {
             match fields.get(key) {
@@ -139,7 +142,7 @@ impl ModelConfig {
             bail!("missing \"scaling_factor\"");
         }
         let eps = number("eps")?.unwrap_or(DEFAULT_EPS);
-        if !(eps > 0.0) {
+        if eps.is_nan() || eps <= 0.0 {
             bail!("\"eps\" must be positive, got {eps}");
         }
         let momentum = match fields.get("momentum") {
@@ -169,7 +172,10 @@ impl ModelConfig {
         fields.insert("out_features".into(), self.out_features.into());
         if self.kind == ModelKind::ScaleBatchNorm {
             fields.insert("eps".into(), self.eps.into());
-            fields.insert("momentum".into(), self.momentum.map_or(Value::Null, Value::from));
+            fields.insert(
+                "momentum".into(),
+                self.momentum.map_or(Value::Null, Value::from),
+            );
         } else if let Some(f) = self.scaling_factor {
             fields.insert("scaling_factor".into(), f.into());
         }
@@ -186,7 +192,13 @@ impl ModelConfig {
             (format!("{p}.bias"), vec![o], true),
         ];
         if self.kind == ModelKind::ScaleBatchNorm {
-            for name in ["scale", "bn.weight", "bn.bias", "bn.running_mean", "bn.running_var"] {
+            for name in [
+                "scale",
+                "bn.weight",
+                "bn.bias",
+                "bn.running_mean",
+                "bn.running_var",
+            ] {
                 tensors.push((name.to_string(), vec![o], true));
             }
             tensors.push(("bn.num_batches_tracked".to_string(), vec![], false));
@@ -217,7 +229,11 @@ impl Checkpoint {
     /// Reads a checkpoint of the Hugging Face Hub model repo `repo_id` at `revision` (a branch,
     /// tag or commit; default `main`) from the local cache `cache` (see [`hf_hub::Cache`]).
     /// Nothing is downloaded: fetch the repo first (e.g. `huggingface-cli download REPO`).
-    pub fn from_hub_cache(cache: &hf_hub::Cache, repo_id: &str, revision: Option<&str>) -> Result<Self> {
+    pub fn from_hub_cache(
+        cache: &hf_hub::Cache,
+        repo_id: &str,
+        revision: Option<&str>,
+    ) -> Result<Self> {
         let revision = revision.unwrap_or("main");
         let repo = cache.repo(hf_hub::Repo::with_revision(
             repo_id.to_string(),
@@ -254,11 +270,13 @@ impl Checkpoint {
 
     /// Reads and validates a config file and a weights file.
     pub fn from_files(config_path: &Path, weights_path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(config_path)
-            .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", config_path.display())))?;
+        let text = std::fs::read_to_string(config_path).map_err(|e| {
+            candle_core::Error::Msg(format!("cannot read {}: {e}", config_path.display()))
+        })?;
         let config = ModelConfig::from_json(&text, &config_path.display().to_string())?;
-        let bytes = std::fs::read(weights_path)
-            .map_err(|e| candle_core::Error::Msg(format!("cannot read {}: {e}", weights_path.display())))?;
+        let bytes = std::fs::read(weights_path).map_err(|e| {
+            candle_core::Error::Msg(format!("cannot read {}: {e}", weights_path.display()))
+        })?;
         let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).map_err(|e| {
             candle_core::Error::Msg(format!(
                 "{} is not a valid safetensors file (truncated or corrupt?): {e}",
@@ -286,8 +304,15 @@ impl Checkpoint {
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("VarMap poisoned".into()))?;
             for (name, t) in &self.tensors {
-                let dtype = if t.dtype() == DType::I64 { DType::I64 } else { dtype };
-                vars.insert(name.clone(), candle_core::Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?)?);
+                let dtype = if t.dtype() == DType::I64 {
+                    DType::I64
+                } else {
+                    dtype
+                };
+                vars.insert(
+                    name.clone(),
+                    candle_core::Var::from_tensor(&t.to_device(device)?.to_dtype(dtype)?)?,
+                );
             }
         }
         Ok(map)
@@ -301,19 +326,32 @@ impl Checkpoint {
     /// Writes `config.json` and `model.safetensors` (floats as f32, counters as int64) into
     /// `dir`, creating it, in the layout [`Checkpoint::from_dir`] reads and PyTorch's
     /// `load_state_dict` accepts. The tensors are validated against `config` first.
-    pub fn save(dir: impl AsRef<Path>, config: &ModelConfig, tensors: &[(String, Tensor)]) -> Result<()> {
+    pub fn save(
+        dir: impl AsRef<Path>,
+        config: &ModelConfig,
+        tensors: &[(String, Tensor)],
+    ) -> Result<()> {
         let dir = dir.as_ref();
         let mut stored = HashMap::new();
         for (name, t) in tensors {
             let t = t.to_device(&Device::Cpu)?;
-            let t = if t.dtype() == DType::I64 { t } else { t.to_dtype(DType::F32)? };
+            let t = if t.dtype() == DType::I64 {
+                t
+            } else {
+                t.to_dtype(DType::F32)?
+            };
             stored.insert(name.clone(), t);
         }
         check_tensors(config, &stored)?;
-        std::fs::create_dir_all(dir)
-            .map_err(|e| candle_core::Error::Msg(format!("cannot create {}: {e}", dir.display())))?;
-        std::fs::write(dir.join(CONFIG_FILE), config.to_json() + "\n")
-            .map_err(|e| candle_core::Error::Msg(format!("cannot write {}: {e}", dir.join(CONFIG_FILE).display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            candle_core::Error::Msg(format!("cannot create {}: {e}", dir.display()))
+        })?;
+        std::fs::write(dir.join(CONFIG_FILE), config.to_json() + "\n").map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "cannot write {}: {e}",
+                dir.join(CONFIG_FILE).display()
+            ))
+        })?;
         candle_core::safetensors::save(&stored, dir.join(WEIGHTS_FILE))
     }
 }
@@ -355,7 +393,10 @@ fn check_tensors(config: &ModelConfig, tensors: &HashMap<String, Tensor>) -> Res
         bail!(
             "unexpected tensor {name:?} for model {} (expected exactly {:?})",
             config.kind.name(),
-            expected.iter().map(|(n, _, _)| n.as_str()).collect::<Vec<_>>()
+            expected
+                .iter()
+                .map(|(n, _, _)| n.as_str())
+                .collect::<Vec<_>>()
         );
     }
     Ok(())

@@ -27,7 +27,10 @@ pub(crate) trait Accum: num_traits::Float + Send + Sync + std::fmt::Debug + 'sta
 fn contiguous_range(layout: &Layout) -> Result<(usize, usize)> {
     match layout.contiguous_offsets() {
         Some(range) => Ok(range),
-        None => bail!("fused op: operand with shape {:?} is not contiguous", layout.dims()),
+        None => bail!(
+            "fused op: operand with shape {:?} is not contiguous",
+            layout.dims()
+        ),
     }
 }
 
@@ -38,7 +41,10 @@ impl Accum for f32 {
             CpuStorage::F32(v) => Cow::Borrowed(&v[start..end]),
             CpuStorage::F16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
             CpuStorage::BF16(v) => Cow::Owned(v[start..end].iter().map(|x| x.to_f32()).collect()),
-            other => bail!("fused op: expected an f32, f16 or bf16 operand, got {:?}", other.dtype()),
+            other => bail!(
+                "fused op: expected an f32, f16 or bf16 operand, got {:?}",
+                other.dtype()
+            ),
         })
     }
 
@@ -86,7 +92,14 @@ impl Accum for f64 {
 }
 
 /// `z = bias + x·Wᵀ` for `x` (m, k), `w` (n, k) and `bias` (n), row-major, into a new (m, n).
-pub(crate) fn linear<A: Accum>(x: &[A], w: &[A], bias: &[A], m: usize, n: usize, k: usize) -> Vec<A> {
+pub(crate) fn linear<A: Accum>(
+    x: &[A],
+    w: &[A],
+    bias: &[A],
+    m: usize,
+    n: usize,
+    k: usize,
+) -> Vec<A> {
     let mut z: Vec<A> = Vec::with_capacity(m * n);
     for _ in 0..m {
         z.extend_from_slice(bias);
@@ -178,7 +191,11 @@ pub(crate) fn epilogue_forward<A: Accum>(
 ) -> Vec<A> {
     let scales = feature_scales(epilogue, params, rows, n);
     z.chunks_exact(n)
-        .flat_map(|row| row.iter().zip(scales.iter()).map(|(&z, &s)| epilogue.apply(z, s)))
+        .flat_map(|row| {
+            row.iter()
+                .zip(scales.iter())
+                .map(|(&z, &s)| epilogue.apply(z, s))
+        })
         .collect()
 }
 
@@ -218,9 +235,9 @@ pub(crate) fn epilogue_backward<A: Accum>(
                 .chunks_exact(n)
                 .flat_map(|row| {
                     let scales = &scales;
-                    row.iter().enumerate().map(move |(j, &g)| {
-                        g * epilogue.derivative(A::zero(), scales[j])
-                    })
+                    row.iter()
+                        .enumerate()
+                        .map(move |(j, &g)| g * epilogue.derivative(A::zero(), scales[j]))
                 })
                 .collect();
             for row in dz.chunks_exact(n) {

@@ -58,7 +58,9 @@ impl Activation {
         match self {
             Activation::Identity => z,
             Activation::Relu => z.max(F::zero()),
-            Activation::Gelu => z * half::<F>() * (F::one() + erf(z * F::from(FRAC_1_SQRT_2).unwrap())),
+            Activation::Gelu => {
+                z * half::<F>() * (F::one() + erf(z * F::from(FRAC_1_SQRT_2).unwrap()))
+            }
             Activation::Silu => z * sigmoid(z),
             Activation::Sigmoid => sigmoid(z),
             Activation::Tanh => z.tanh(),
@@ -270,7 +272,10 @@ mod tests {
                 for &z in &[-3.1f64, -0.7, -0.05, 0.3, 1.2, 4.5] {
                     let num = (epi.apply(z + h, 1.7) - epi.apply(z - h, 1.7)) / (2.0 * h);
                     let ana = epi.derivative(z, 1.7);
-                    assert!((num - ana).abs() < 1e-7, "{act:?} residual={residual} z={z}: {num} vs {ana}");
+                    assert!(
+                        (num - ana).abs() < 1e-7,
+                        "{act:?} residual={residual} z={z}: {num} vs {ana}"
+                    );
                 }
             }
         }

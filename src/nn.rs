@@ -51,7 +51,12 @@ impl FusedLinear {
     /// PyTorch's `nn.Linear` when `vb` creates variables. A per-feature scale, if the epilogue
     /// has one, is read by the caller (its name depends on the model) and passed to
     /// [`FusedLinear::new`].
-    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, epilogue: Epilogue) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        epilogue: Epilogue,
+    ) -> Result<Self> {
         Self::load_with_scale(vb, in_features, out_features, epilogue, None)
     }
 
@@ -64,7 +69,10 @@ impl FusedLinear {
     ) -> Result<Self> {
         // nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) for both tensors.
         let bound = 1.0 / (in_features as f64).sqrt();
-        let init = Init::Uniform { lo: -bound, up: bound };
+        let init = Init::Uniform {
+            lo: -bound,
+            up: bound,
+        };
         let weight = vb.get_with_hints((out_features, in_features), "weight", init)?;
         let bias = vb.get_with_hints(out_features, "bias", init)?;
         Self::new(weight, Some(bias), scale, epilogue)
@@ -118,7 +126,12 @@ pub struct SwishScale {
 
 impl SwishScale {
     /// Loads `matmul.weight` and `matmul.bias`.
-    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, scaling_factor: f64) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        scaling_factor: f64,
+    ) -> Result<Self> {
         let epilogue = Epilogue::swish_scale(scaling_factor);
         let matmul = FusedLinear::load(vb.pp("matmul"), in_features, out_features, epilogue)?;
         Ok(Self { matmul })
@@ -151,7 +164,12 @@ pub struct SigmoidResidual {
 
 impl SigmoidResidual {
     /// Loads `gemm.weight` and `gemm.bias`.
-    pub fn load(vb: VarBuilder, in_features: usize, out_features: usize, scaling_factor: f64) -> Result<Self> {
+    pub fn load(
+        vb: VarBuilder,
+        in_features: usize,
+        out_features: usize,
+        scaling_factor: f64,
+    ) -> Result<Self> {
         let epilogue = Epilogue::sigmoid_residual(scaling_factor);
         let gemm = FusedLinear::load(vb.pp("gemm"), in_features, out_features, epilogue)?;
         Ok(Self { gemm })
@@ -207,7 +225,7 @@ impl ScaleBatchNorm {
         eps: f64,
         momentum: Option<f64>,
     ) -> Result<Self> {
-        if !(eps > 0.0) {
+        if eps.is_nan() || eps <= 0.0 {
             bail!("ScaleBatchNorm: eps must be positive, got {eps}");
         }
         if let Some(m) = momentum {
@@ -215,7 +233,14 @@ impl ScaleBatchNorm {
                 bail!("ScaleBatchNorm: momentum must be in [0, 1], got {m}");
             }
         }
-        let scale = vb.get_with_hints(out_features, "scale", Init::Randn { mean: 0.0, stdev: 1.0 })?;
+        let scale = vb.get_with_hints(
+            out_features,
+            "scale",
+            Init::Randn {
+                mean: 0.0,
+                stdev: 1.0,
+            },
+        )?;
         let gemm = FusedLinear::load_with_scale(
             vb.pp("gemm"),
             in_features,
@@ -226,8 +251,13 @@ impl ScaleBatchNorm {
         let bn = vb.pp("bn");
         let bn_weight = bn.get_with_hints(out_features, "weight", Init::Const(1.0))?;
         let bn_bias = bn.get_with_hints(out_features, "bias", Init::Const(0.0))?;
-        let running_mean = Var::from_tensor(&bn.get_with_hints(out_features, "running_mean", Init::Const(0.0))?)?;
-        let running_var = Var::from_tensor(&bn.get_with_hints(out_features, "running_var", Init::Const(1.0))?)?;
+        let running_mean = Var::from_tensor(&bn.get_with_hints(
+            out_features,
+            "running_mean",
+            Init::Const(0.0),
+        )?)?;
+        let running_var =
+            Var::from_tensor(&bn.get_with_hints(out_features, "running_var", Init::Const(1.0))?)?;
         let num_batches_tracked = Var::from_tensor(&bn.get_with_hints_dtype(
             (),
             "num_batches_tracked",
@@ -260,7 +290,10 @@ impl ScaleBatchNorm {
     pub fn parameters(&self) -> Vec<(String, Tensor)> {
         let mut params = linear_parameters("gemm", &self.gemm);
         params.extend([
-            ("scale".to_string(), self.gemm.scale().expect("per-feature scale").clone()),
+            (
+                "scale".to_string(),
+                self.gemm.scale().expect("per-feature scale").clone(),
+            ),
             ("bn.weight".to_string(), self.bn_weight.clone()),
             ("bn.bias".to_string(), self.bn_bias.clone()),
         ]);
@@ -270,8 +303,14 @@ impl ScaleBatchNorm {
     /// `bn.running_mean`, `bn.running_var` and `bn.num_batches_tracked`, as they are now.
     pub fn buffers(&self) -> Vec<(String, Tensor)> {
         vec![
-            ("bn.running_mean".to_string(), self.running_mean.as_tensor().clone()),
-            ("bn.running_var".to_string(), self.running_var.as_tensor().clone()),
+            (
+                "bn.running_mean".to_string(),
+                self.running_mean.as_tensor().clone(),
+            ),
+            (
+                "bn.running_var".to_string(),
+                self.running_var.as_tensor().clone(),
+            ),
             (
                 "bn.num_batches_tracked".to_string(),
                 self.num_batches_tracked.as_tensor().clone(),
@@ -352,12 +391,17 @@ impl Model {
         let (i, o) = (config.in_features, config.out_features);
         let factor = || {
             config.scaling_factor.ok_or_else(|| {
-                candle_core::Error::Msg(format!("{}: the config has no scaling_factor", config.kind.name()))
+                candle_core::Error::Msg(format!(
+                    "{}: the config has no scaling_factor",
+                    config.kind.name()
+                ))
             })
         };
         Ok(match config.kind {
             ModelKind::SwishScale => Model::SwishScale(SwishScale::load(vb, i, o, factor()?)?),
-            ModelKind::SigmoidResidual => Model::SigmoidResidual(SigmoidResidual::load(vb, i, o, factor()?)?),
+            ModelKind::SigmoidResidual => {
+                Model::SigmoidResidual(SigmoidResidual::load(vb, i, o, factor()?)?)
+            }
             ModelKind::ScaleBatchNorm => {
                 Model::ScaleBatchNorm(ScaleBatchNorm::load(vb, i, o, config.eps, config.momentum)?)
             }

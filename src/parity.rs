@@ -13,13 +13,22 @@ use std::collections::HashMap;
 /// What one forward (and, given `g`, backward) of a model produces, under the names the `run`
 /// example writes: `y`, `grad.x`, `grad.<parameter>`, and after a train-mode forward of a
 /// BatchNorm model its buffers (`bn.running_mean`, …).
-pub fn forward_backward(model: &Model, x: &Tensor, g: Option<&Tensor>, train: bool) -> Result<Vec<(String, Tensor)>> {
+pub fn forward_backward(
+    model: &Model,
+    x: &Tensor,
+    g: Option<&Tensor>,
+    train: bool,
+) -> Result<Vec<(String, Tensor)>> {
     let x = Var::from_tensor(x)?;
     let y = model.forward_t(x.as_tensor(), train)?;
     let mut outputs = vec![("y".to_string(), y.clone())];
     if let Some(g) = g {
         if g.dims() != y.dims() {
-            candle_core::bail!("the gradient g has shape {:?} but the output has {:?}", g.dims(), y.dims());
+            candle_core::bail!(
+                "the gradient g has shape {:?} but the output has {:?}",
+                g.dims(),
+                y.dims()
+            );
         }
         let grads = (y * g.to_dtype(x.dtype())?)?.sum_all()?.backward()?;
         let mut named = vec![("x".to_string(), x.as_tensor().clone())];
@@ -87,18 +96,31 @@ pub fn compare(
         .iter()
         .map(|(name, ours)| {
             let key = golden_key(name, train);
-            let reference = golden
-                .get(&key)
-                .ok_or_else(|| candle_core::Error::Msg(format!("the golden file has no {key:?}")))?;
+            let reference = golden.get(&key).ok_or_else(|| {
+                candle_core::Error::Msg(format!("the golden file has no {key:?}"))
+            })?;
             if ours.dims() != reference.dims() {
-                candle_core::bail!("{name}: shape {:?}, golden {key} has {:?}", ours.dims(), reference.dims());
+                candle_core::bail!(
+                    "{name}: shape {:?}, golden {key} has {:?}",
+                    ours.dims(),
+                    reference.dims()
+                );
             }
             let ours = ours.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
-            let reference = reference.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?;
+            let reference = reference
+                .to_dtype(DType::F64)?
+                .flatten_all()?
+                .to_vec1::<f64>()?;
             let diff = ours
                 .iter()
                 .zip(&reference)
-                .map(|(a, b)| if a.is_finite() { (a - b).abs() } else { f64::INFINITY })
+                .map(|(a, b)| {
+                    if a.is_finite() {
+                        (a - b).abs()
+                    } else {
+                        f64::INFINITY
+                    }
+                })
                 .fold(0f64, f64::max);
             let magnitude = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
             let relative = magnitude > 1e-10;

@@ -21,7 +21,8 @@ pub(super) fn detached(storage: Storage, shape: impl Into<Shape>) -> Tensor {
 fn store(slot: &Mutex<Option<Tensor>>, tensor: Tensor) -> Result<()> {
     *slot
         .lock()
-        .map_err(|_| candle_core::Error::Msg("fused op: saved state poisoned".into()))? = Some(tensor);
+        .map_err(|_| candle_core::Error::Msg("fused op: saved state poisoned".into()))? =
+        Some(tensor);
     Ok(())
 }
 
@@ -62,7 +63,10 @@ impl Saved {
 pub(super) fn contiguous_start(layout: &Layout) -> Result<usize> {
     match layout.contiguous_offsets() {
         Some((start, _)) => Ok(start),
-        None => bail!("fused op: operand with shape {:?} is not contiguous", layout.dims()),
+        None => bail!(
+            "fused op: operand with shape {:?} is not contiguous",
+            layout.dims()
+        ),
     }
 }
 
@@ -73,7 +77,10 @@ pub(super) fn host_grads<A: Accum>(
     dy: &Tensor,
     params: &Tensor,
 ) -> Result<(Tensor, Tensor)> {
-    let dz = detached(Storage::Cpu(A::to_storage(dz, dy.dtype())?), dy.shape().clone());
+    let dz = detached(
+        Storage::Cpu(A::to_storage(dz, dy.dtype())?),
+        dy.shape().clone(),
+    );
     let dparams = Tensor::from_vec(dparams, params.shape(), &Device::Cpu)?.to_dtype(dy.dtype())?;
     Ok((dz, dparams))
 }
@@ -82,7 +89,11 @@ pub(super) fn host_grads<A: Accum>(
 ///
 /// On the CPU the products run in the accumulation type (Candle's CPU matmul has no bf16);
 /// elsewhere they are Candle's matmul in the tensors' dtype.
-pub(super) fn input_and_weight_grads(dz: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+pub(super) fn input_and_weight_grads(
+    dz: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     match dz.device() {
         Device::Cpu => match dz.dtype() {
             DType::F64 => cpu_input_and_weight_grads::<f64>(dz, x, w),
@@ -92,7 +103,11 @@ pub(super) fn input_and_weight_grads(dz: &Tensor, x: &Tensor, w: &Tensor) -> Res
     }
 }
 
-fn cpu_input_and_weight_grads<A: Accum>(dz: &Tensor, x: &Tensor, w: &Tensor) -> Result<(Tensor, Tensor)> {
+fn cpu_input_and_weight_grads<A: Accum>(
+    dz: &Tensor,
+    x: &Tensor,
+    w: &Tensor,
+) -> Result<(Tensor, Tensor)> {
     use crate::cpu::{matmul_into, Transpose};
     let ((m, n), k) = (dz.dims2()?, x.dim(1)?);
     let (dz_h, x_h, w_h) = (A::host_vec(dz)?, A::host_vec(x)?, A::host_vec(w)?);
@@ -118,7 +133,10 @@ mod cuda_glue {
     use candle_core::CudaStorage;
 
     /// A CUDA tensor's storage and first-element offset, contiguous.
-    pub(crate) fn cuda_operand<R>(t: &Tensor, f: impl FnOnce((&CudaStorage, usize)) -> Result<R>) -> Result<R> {
+    pub(crate) fn cuda_operand<R>(
+        t: &Tensor,
+        f: impl FnOnce((&CudaStorage, usize)) -> Result<R>,
+    ) -> Result<R> {
         let t = t.contiguous()?;
         let (storage, layout) = t.storage_and_layout();
         match &*storage {
@@ -137,7 +155,9 @@ mod cuda_glue {
         let (m, n) = dy.dims2()?;
         let (dz, dparams) = cuda_operand(dy, |dy| {
             cuda_operand(params, |p| match z {
-                Some(z) => cuda_operand(z, |z| crate::cuda::epilogue_backward(dy, Some(z), p, m, n, *epilogue)),
+                Some(z) => cuda_operand(z, |z| {
+                    crate::cuda::epilogue_backward(dy, Some(z), p, m, n, *epilogue)
+                }),
                 None => crate::cuda::epilogue_backward(dy, None, p, m, n, *epilogue),
             })
         })?;

@@ -5,9 +5,7 @@ use super::{check_linear_operands, needs_grad, param_table, ParamRows, Precision
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
-use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 use std::sync::Arc;
 
 /// BatchNorm1d's parameters and buffers, each of shape `(out,)` and the input's dtype.
@@ -78,8 +76,12 @@ pub fn fused_linear_batch_norm(
     match (epilogue.has_scale_param(), scale) {
         (true, Some(s)) => vectors.push(("scale", s)),
         (false, None) => {}
-        (true, None) => candle_core::bail!("{OP}: the epilogue has a per-feature scale but no scale tensor was given"),
-        (false, Some(_)) => candle_core::bail!("{OP}: a scale tensor was given but the epilogue's scale is not per-feature"),
+        (true, None) => candle_core::bail!(
+            "{OP}: the epilogue has a per-feature scale but no scale tensor was given"
+        ),
+        (false, Some(_)) => candle_core::bail!(
+            "{OP}: a scale tensor was given but the epilogue's scale is not per-feature"
+        ),
     }
     let (batch, _, _) = check_linear_operands(OP, x, weight, &vectors)?;
     if train && batch < 2 {
@@ -87,7 +89,7 @@ pub fn fused_linear_batch_norm(
             "{OP}: train mode needs more than one value per feature, got a batch of {batch}"
         );
     }
-    if !(bn.eps > 0.0) {
+    if bn.eps.is_nan() || bn.eps <= 0.0 {
         candle_core::bail!("{OP}: eps must be positive, got {}", bn.eps);
     }
     let (running_mean, running_var) = (bn.running_mean.detach(), bn.running_var.detach());
@@ -144,16 +146,21 @@ impl LinearBatchNormOp {
             self.saved
                 .keep_preactivation(Storage::Cpu(A::to_storage(z, dtype)?), (m, n))?;
         }
-        let stats: Vec<A> = mean.iter().chain(&var).map(|&v| A::from(v).unwrap()).collect();
-        self.saved
-            .keep_stats(A::host_tensor(stats, (2, n))?)?;
+        let stats: Vec<A> = mean
+            .iter()
+            .chain(&var)
+            .map(|&v| A::from(v).unwrap())
+            .collect();
+        self.saved.keep_stats(A::host_tensor(stats, (2, n))?)?;
         A::to_storage(y, dtype)
     }
 
     fn cpu_backward<A: Accum>(&self, dy: &Tensor, p: &Tensor) -> Result<(Tensor, Tensor)> {
         let z = match self.saved.preactivation()? {
             Some(z) => A::host_vec(&z)?,
-            None => candle_core::bail!("fused_linear_batch_norm: backward without a kept pre-activation"),
+            None => candle_core::bail!(
+                "fused_linear_batch_norm: backward without a kept pre-activation"
+            ),
         };
         let stats = f64::host_vec(&self.saved.stats()?)?;
         let n = p.dim(1)?;
@@ -191,12 +198,20 @@ impl CustomOp3 for LinearBatchNormOp {
         let dims = (m, n, k);
         let y = match x.dtype() {
             DType::F64 => self.cpu_forward(
-                (&f64::slice(x, x_l)?, &f64::slice(w, w_l)?, &f64::slice(p, p_l)?),
+                (
+                    &f64::slice(x, x_l)?,
+                    &f64::slice(w, w_l)?,
+                    &f64::slice(p, p_l)?,
+                ),
                 dims,
                 x.dtype(),
             )?,
             dtype => self.cpu_forward(
-                (&f32::slice(x, x_l)?, &f32::slice(w, w_l)?, &f32::slice(p, p_l)?),
+                (
+                    &f32::slice(x, x_l)?,
+                    &f32::slice(w, w_l)?,
+                    &f32::slice(p, p_l)?,
+                ),
                 dims,
                 dtype,
             )?,

@@ -1,9 +1,9 @@
 //! `y = epilogue(x·Wᵀ + b)` as a `CustomOp3` over `(x, weight, params)`.
 
+use super::autograd::{self, Saved};
 use super::{check_linear_operands, needs_grad, param_table, ParamRows, Precision};
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
-use super::autograd::{self, Saved};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
 
@@ -47,8 +47,12 @@ pub fn fused_linear(
     match (epilogue.has_scale_param(), scale) {
         (true, Some(s)) => vectors.push(("scale", s)),
         (false, None) => {}
-        (true, None) => candle_core::bail!("{OP}: the epilogue has a per-feature scale but no scale tensor was given"),
-        (false, Some(_)) => candle_core::bail!("{OP}: a scale tensor was given but the epilogue's scale is not per-feature"),
+        (true, None) => candle_core::bail!(
+            "{OP}: the epilogue has a per-feature scale but no scale tensor was given"
+        ),
+        (false, Some(_)) => candle_core::bail!(
+            "{OP}: a scale tensor was given but the epilogue's scale is not per-feature"
+        ),
     }
     check_linear_operands(OP, x, weight, &vectors)?;
     let params = param_table(bias, &scale.into_iter().collect::<Vec<_>>(), weight)?;
@@ -100,12 +104,20 @@ impl CustomOp3 for FusedLinearOp {
         let dims = (m, n, k);
         let y = match x.dtype() {
             DType::F64 => self.cpu_forward(
-                (&f64::slice(x, x_l)?, &f64::slice(w, w_l)?, &f64::slice(p, p_l)?),
+                (
+                    &f64::slice(x, x_l)?,
+                    &f64::slice(w, w_l)?,
+                    &f64::slice(p, p_l)?,
+                ),
                 dims,
                 x.dtype(),
             )?,
             dtype => self.cpu_forward(
-                (&f32::slice(x, x_l)?, &f32::slice(w, w_l)?, &f32::slice(p, p_l)?),
+                (
+                    &f32::slice(x, x_l)?,
+                    &f32::slice(w, w_l)?,
+                    &f32::slice(p, p_l)?,
+                ),
                 dims,
                 dtype,
             )?,
@@ -158,7 +170,9 @@ impl CustomOp3 for FusedLinearOp {
                 _ => self.cpu_backward::<f32>(&dy, z.as_ref(), p)?,
             },
             #[cfg(feature = "cuda")]
-            Device::Cuda(_) => autograd::cuda_epilogue_backward(&dy, z.as_ref(), p, &self.epilogue)?,
+            Device::Cuda(_) => {
+                autograd::cuda_epilogue_backward(&dy, z.as_ref(), p, &self.epilogue)?
+            }
             device => autograd::unsupported_device(self.name(), device)?,
         };
         let (dx, dw) = autograd::input_and_weight_grads(&dz, x, w)?;
@@ -168,7 +182,12 @@ impl CustomOp3 for FusedLinearOp {
 
 impl FusedLinearOp {
     /// The epilogue backward on the CPU: `(dz, dparams)`.
-    fn cpu_backward<A: Accum>(&self, dy: &Tensor, z: Option<&Tensor>, p: &Tensor) -> Result<(Tensor, Tensor)> {
+    fn cpu_backward<A: Accum>(
+        &self,
+        dy: &Tensor,
+        z: Option<&Tensor>,
+        p: &Tensor,
+    ) -> Result<(Tensor, Tensor)> {
         let z = z.map(A::host_vec).transpose()?;
         let (dz, dparams) = cpu::epilogue_backward(
             &A::host_vec(dy)?,

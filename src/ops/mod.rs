@@ -181,7 +181,9 @@ fn param_table(bias: Option<&Tensor>, rest: &[&Tensor], like: &Tensor) -> Result
     };
     let mut rows = vec![bias];
     rows.extend_from_slice(rest);
-    Tensor::stack(&rows, 0)
+    // Stacking a single row is a view of it, strided when the bias is: the kernels need a
+    // contiguous table.
+    Tensor::stack(&rows, 0)?.contiguous()
 }
 
 /// Whether the op must keep what its backward needs: exactly when Candle records the op.

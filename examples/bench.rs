@@ -1,0 +1,349 @@
+//! Times the fused models against the same models written with plain Candle ops.
+//!
+//! ```text
+//! cargo run --release --example bench -- [--device cpu|cuda] [--modes f32,tf32,bf16,f16]
+//!     [--problems swish_scale,scale_batchnorm,sigmoid_residual] [--size reference|mid]
+//!     [--train] [--iters N] [--json FILE]
+//! ```
+//!
+//! Each cell is the median of `--iters` timed runs after warm-up runs, synchronised with the
+//! device after every run, cycling through three different inputs. On the GPU the default
+//! sizes are the reference sizes the models were written for; on the CPU, `mid` sizes. With
+//! `--train` it also times a train step: forward, and backward to the input and every parameter.
+//! The floor of a cell is the larger of the time to read the operands and write the output at
+//! the measured copy bandwidth, and the time of its FLOPs at the measured rate of a large
+//! plain matmul in the same precision.
+
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
+use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind, Precision};
+use std::time::Instant;
+
+const USAGE: &str = "usage: bench [--device cpu|cuda] [--modes f32,tf32,bf16,f16] [--problems a,b] [--size reference|mid] [--train] [--iters N] [--json FILE]";
+
+struct Args {
+    device: Device,
+    modes: Vec<String>,
+    problems: Vec<ModelKind>,
+    reference_size: bool,
+    train: bool,
+    iters: usize,
+    json: Option<String>,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut device = Device::cuda_if_available(0)?;
+    let (mut modes, mut problems, mut size) = (None, None, None);
+    let (mut train, mut iters, mut json) = (false, 30, None);
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        let mut value = || {
+            args.next()
+                .ok_or_else(|| candle_core::Error::Msg(format!("{arg} needs a value\n{USAGE}")))
+        };
+        match arg.as_str() {
+            "--device" => {
+                device = match value()?.as_str() {
+                    "cpu" => Device::Cpu,
+                    "cuda" => Device::new_cuda(0)?,
+                    other => candle_core::bail!("unknown device {other:?}"),
+                }
+            }
+            "--modes" => modes = Some(value()?),
+            "--problems" => problems = Some(value()?),
+            "--size" => size = Some(value()?),
+            "--train" => train = true,
+            "--iters" => {
+                iters = value()?
+                    .parse()
+                    .map_err(|e| candle_core::Error::Msg(format!("--iters: {e}")))?
+            }
+            "--json" => json = Some(value()?),
+            other => candle_core::bail!("unknown argument {other:?}\n{USAGE}"),
+        }
+    }
+    let gpu = device.is_cuda();
+    let modes = modes.unwrap_or_else(|| {
+        if gpu {
+            "f32,tf32,bf16".into()
+        } else {
+            "f32".into()
+        }
+    });
+    let problems = problems
+        .unwrap_or_else(|| "swish_scale,scale_batchnorm,sigmoid_residual".into())
+        .split(',')
+        .map(str::parse)
+        .collect::<Result<Vec<ModelKind>>>()?;
+    let reference_size = match size.as_deref() {
+        None => gpu,
+        Some("reference") => true,
+        Some("mid") => false,
+        Some(other) => candle_core::bail!("unknown size {other:?}: expected reference or mid"),
+    };
+    Ok(Args {
+        device,
+        modes: modes.split(',').map(str::to_string).collect(),
+        problems,
+        reference_size,
+        train,
+        iters: iters.max(1),
+        json,
+    })
+}
+
+/// `(batch, in, out)` of a problem.
+fn problem_size(kind: ModelKind, reference: bool) -> (usize, usize, usize) {
+    match (kind, reference) {
+        (ModelKind::SwishScale, true) => (128, 32768, 32768),
+        (_, true) => (1024, 8192, 8192),
+        (ModelKind::SwishScale, false) => (64, 2048, 2048),
+        (_, false) => (256, 1024, 1024),
+    }
+}
+
+/// The same model in plain Candle ops: `candle_nn::Linear`, pointwise ops, `candle_nn::BatchNorm`.
+struct PlainModel {
+    kind: ModelKind,
+    linear: candle_nn::Linear,
+    scale: Option<Tensor>,
+    bn: Option<candle_nn::BatchNorm>,
+    factor: f64,
+}
+
+impl PlainModel {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
+        let z = self.linear.forward(x)?;
+        match self.kind {
+            ModelKind::SwishScale => (&z * candle_nn::ops::sigmoid(&z)?)? * self.factor,
+            ModelKind::SigmoidResidual => (candle_nn::ops::sigmoid(&z)? * self.factor)? + z,
+            ModelKind::ScaleBatchNorm => {
+                let u = z.broadcast_mul(self.scale.as_ref().expect("scale"))?;
+                self.bn.as_ref().expect("bn").forward_t(&u, train)
+            }
+        }
+    }
+}
+
+/// Random parameters with PyTorch's names, as variables (so that a train step reaches them), for
+/// both versions of a model.
+fn build(
+    kind: ModelKind,
+    (_, i, o): (usize, usize, usize),
+    dtype: DType,
+    device: &Device,
+) -> Result<(Model, PlainModel)> {
+    let config = ModelConfig {
+        kind,
+        in_features: i,
+        out_features: o,
+        scaling_factor: (kind != ModelKind::ScaleBatchNorm).then_some(2.0),
+        eps: 1e-5,
+        momentum: Some(0.1),
+    };
+    let bound = 1.0 / (i as f64).sqrt();
+    let var = |shape: &[usize], lo: f64, hi: f64| -> Result<Var> {
+        Var::from_tensor(&Tensor::rand(lo as f32, hi as f32, shape, device)?.to_dtype(dtype)?)
+    };
+    let prefix = kind.linear_prefix();
+    let mut named = vec![
+        (format!("{prefix}.weight"), var(&[o, i], -bound, bound)?),
+        (format!("{prefix}.bias"), var(&[o], -bound, bound)?),
+    ];
+    if kind == ModelKind::ScaleBatchNorm {
+        for (name, lo, hi) in [
+            ("scale", 0.5, 1.5),
+            ("bn.weight", 0.5, 1.5),
+            ("bn.bias", -0.5, 0.5),
+            ("bn.running_mean", -0.1, 0.1),
+            ("bn.running_var", 0.5, 1.5),
+        ] {
+            named.push((name.to_string(), var(&[o], lo, hi)?));
+        }
+        named.push((
+            "bn.num_batches_tracked".to_string(),
+            Var::from_tensor(&Tensor::new(0i64, device)?)?,
+        ));
+    }
+    let tensors = named
+        .iter()
+        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+        .collect();
+    let checkpoint = Checkpoint {
+        config: config.clone(),
+        tensors,
+    };
+    let fused = Model::load(checkpoint.var_builder(dtype, device), &config)?;
+    let get = |name: &str| {
+        named
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_tensor().clone())
+            .expect("named tensor")
+    };
+    let linear = candle_nn::Linear::new(
+        get(&format!("{prefix}.weight")),
+        Some(get(&format!("{prefix}.bias"))),
+    );
+    let (scale, bn) = if kind == ModelKind::ScaleBatchNorm {
+        let bn = candle_nn::BatchNorm::new(
+            o,
+            get("bn.running_mean").copy()?,
+            get("bn.running_var").copy()?,
+            get("bn.weight"),
+            get("bn.bias"),
+            1e-5,
+        )?;
+        (Some(get("scale")), Some(bn))
+    } else {
+        (None, None)
+    };
+    let plain = PlainModel {
+        kind,
+        linear,
+        scale,
+        bn,
+        factor: 2.0,
+    };
+    Ok((fused, plain))
+}
+
+/// Median milliseconds of `run(i)` over `iters` runs after warm-up, synchronised each run.
+fn time(device: &Device, iters: usize, mut run: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+    for i in 0..3 {
+        run(i)?;
+    }
+    device.synchronize()?;
+    let mut times = Vec::with_capacity(iters);
+    for i in 0..iters {
+        let start = Instant::now();
+        run(i)?;
+        device.synchronize()?;
+        times.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[times.len() / 2])
+}
+
+/// Device ceilings measured now: copy bandwidth (bytes read + written per second) and the
+/// rate of an n³ plain matmul per mode.
+fn ceilings(device: &Device, modes: &[String]) -> Result<(f64, Vec<(String, f64)>)> {
+    let (n, elems) = if device.is_cuda() {
+        (8192, 1 << 28)
+    } else {
+        (1024, 1 << 24)
+    };
+    let a = Tensor::zeros(elems, DType::F32, device)?;
+    let copy_ms = time(device, 10, |_| a.copy().map(drop))?;
+    let bandwidth = 2.0 * 4.0 * elems as f64 / (copy_ms * 1e-3);
+    let mut rates = Vec::new();
+    for mode in modes {
+        let (dtype, _) = mode_settings(mode)?;
+        let x = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
+        let ms = time(device, 5, |_| x.matmul(&x).map(drop))?;
+        rates.push((mode.clone(), 2.0 * (n as f64).powi(3) / (ms * 1e-3)));
+    }
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    Ok((bandwidth, rates))
+}
+
+/// The dtype and precision of a mode; sets Candle's own TF32 switch for the plain models.
+fn mode_settings(mode: &str) -> Result<(DType, Precision)> {
+    let tf32 = mode == "tf32";
+    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+    Ok(match mode {
+        "f32" => (DType::F32, Precision::Exact),
+        "tf32" => (DType::F32, Precision::Tf32),
+        "bf16" => (DType::BF16, Precision::Exact),
+        "f16" => (DType::F16, Precision::Exact),
+        other => candle_core::bail!("unknown mode {other:?}: expected f32, tf32, bf16 or f16"),
+    })
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let device = &args.device;
+    let (bandwidth, rates) = ceilings(device, &args.modes)?;
+    println!(
+        "device {}, copy {:.0} GB/s, matmul {}",
+        if device.is_cuda() { "cuda:0" } else { "cpu" },
+        bandwidth / 1e9,
+        rates
+            .iter()
+            .map(|(m, r)| format!("{m} {:.1} TFLOP/s", r / 1e12))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    println!(
+        "{:<17} {:<5} {:<6} {:<6} {:>10} {:>9} {:>8}",
+        "problem", "mode", "step", "impl", "median ms", "TFLOP/s", "floor %"
+    );
+    let mut rows = Vec::new();
+    for &kind in &args.problems {
+        let size @ (b, i, o) = problem_size(kind, args.reference_size);
+        for (mode, rate) in &rates {
+            let (dtype, precision) = mode_settings(mode)?;
+            let (fused, plain) = build(kind, size, dtype, device)?;
+            let fused = fused.with_precision(precision);
+            let xs = (0..3)
+                .map(|_| Tensor::rand(-1f32, 1.0, (b, i), device)?.to_dtype(dtype))
+                .collect::<Result<Vec<_>>>()?;
+            let g = Tensor::randn(0f32, 1.0, (b, o), device)?.to_dtype(dtype)?;
+            let flops = 2.0 * (b * i * o) as f64;
+            let bytes = dtype.size_in_bytes() as f64 * (b * i + i * o + 2 * b * o) as f64;
+            let floor_ms = (bytes / bandwidth).max(flops / rate) * 1e3;
+            let train_mode = kind == ModelKind::ScaleBatchNorm;
+            let mut steps = vec![("fwd", 1.0)];
+            if args.train {
+                steps.push(("train", 3.0));
+            }
+            for (step, flop_factor) in steps {
+                for variant in ["fused", "plain"] {
+                    let forward = |x: &Tensor| -> Result<Tensor> {
+                        match variant {
+                            "fused" => fused.forward_t(x, train_mode),
+                            _ => plain.forward(x, train_mode),
+                        }
+                    };
+                    let ms = time(device, args.iters, |it| {
+                        let x = &xs[it % xs.len()];
+                        if step == "fwd" {
+                            return forward(x).map(drop);
+                        }
+                        let x = Var::from_tensor(x)?;
+                        (forward(x.as_tensor())? * &g)?
+                            .sum_all()?
+                            .backward()
+                            .map(drop)
+                    })?;
+                    let tflops = flop_factor * flops / (ms * 1e-3) / 1e12;
+                    let floor_pct = 100.0 * flop_factor * floor_ms / ms;
+                    println!(
+                        "{:<17} {:<5} {:<6} {:<6} {:>10.3} {:>9.1} {:>8.1}",
+                        kind.name(),
+                        mode,
+                        step,
+                        variant,
+                        ms,
+                        tflops,
+                        floor_pct
+                    );
+                    rows.push(serde_json::json!({
+                        "problem": kind.name(), "mode": mode, "step": step, "impl": variant,
+                        "batch": b, "in": i, "out": o, "median_ms": ms, "tflops": tflops, "floor_pct": floor_pct,
+                    }));
+                }
+            }
+        }
+    }
+    if let Some(path) = &args.json {
+        let doc = serde_json::json!({
+            "device": if device.is_cuda() { "cuda:0" } else { "cpu" },
+            "copy_gbps": bandwidth / 1e9,
+            "matmul_tflops": rates.iter().map(|(m, r)| (m.clone(), serde_json::json!(r / 1e12))).collect::<serde_json::Map<_, _>>(),
+            "iters": args.iters,
+            "rows": rows,
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON"))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Parity with PyTorch (the goldens `scripts/export.py` computed in float64) and with finite
+//! differences, on the CPU.
+
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_fused::parity::{compare, forward_backward, tolerance};
+use candle_fused::{
+    fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Checkpoint, Epilogue,
+    OutputScale, Precision,
+};
+use std::collections::HashMap;
+
+const MODELS: [&str; 3] = ["swish_scale", "scale_batchnorm", "sigmoid_residual"];
+
+fn golden(model: &str) -> HashMap<String, Tensor> {
+    let path = format!(
+        "{}/models/{model}/golden.safetensors",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+/// Runs a shipped model in `dtype` on its golden input and checks every output.
+fn check_model(model: &str, dtype: DType, train: bool) {
+    let dir = format!("{}/models/{model}", env!("CARGO_MANIFEST_DIR"));
+    let checkpoint = Checkpoint::from_dir(&dir).unwrap();
+    let varmap = checkpoint.var_map(dtype, &Device::Cpu).unwrap();
+    let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
+    let net = candle_fused::Model::load(vb, &checkpoint.config).unwrap();
+    let golden = golden(model);
+    let x = golden["x"].to_dtype(dtype).unwrap();
+    let g = golden["g"].to_dtype(dtype).unwrap();
+    let outputs = forward_backward(&net, &x, Some(&g), train).unwrap();
+    let expected = 1 + 1 + net.parameters().len() + if train { net.buffers().len() } else { 0 };
+    assert_eq!(outputs.len(), expected, "{model}: outputs {outputs:?}");
+    let half = matches!(dtype, DType::F16 | DType::BF16);
+    let results = compare(&outputs, &golden, train, tolerance(dtype, false), half).unwrap();
+    for c in &results {
+        assert!(
+            c.ok,
+            "{model} {dtype:?} train={train}: {} error {:.3e}",
+            c.name, c.error
+        );
+    }
+    // Only the gradients that train-mode BatchNorm cancels may go unchecked, and only in
+    // half precision.
+    let unchecked: Vec<_> = results
+        .iter()
+        .filter(|c| !c.checked)
+        .map(|c| c.name.as_str())
+        .collect();
+    if half && train && model == "scale_batchnorm" {
+        assert_eq!(unchecked, ["grad.gemm.bias", "grad.scale"]);
+    } else {
+        assert!(unchecked.is_empty(), "{unchecked:?}");
+    }
+}
+
+#[test]
+fn f32_matches_pytorch_train_and_eval() {
+    for model in MODELS {
+        for train in [false, true] {
+            check_model(model, DType::F32, train);
+        }
+    }
+}
+
+#[test]
+fn f64_matches_pytorch_to_rounding() {
+    for model in MODELS {
+        for train in [false, true] {
+            check_model(model, DType::F64, train);
+        }
+    }
+}
+
+#[test]
+fn half_precisions_match_pytorch_within_their_resolution() {
+    for dtype in [DType::F16, DType::BF16] {
+        for model in MODELS {
+            for train in [false, true] {
+                check_model(model, dtype, train);
+            }
+        }
+    }
+}
+
+/// Half-precision results against the f32 path, on a random problem larger than the goldens.
+#[test]
+fn half_precisions_match_f32() {
+    let dev = Device::Cpu;
+    let (m, k, n) = (33, 70, 45);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &dev).unwrap();
+    let w = (Tensor::randn(0f32, 1.0, (n, k), &dev).unwrap() / (k as f64).sqrt()).unwrap();
+    let b = Tensor::randn(0f32, 1.0, n, &dev).unwrap();
+    for epilogue in [
+        Epilogue::swish_scale(2.0),
+        Epilogue::sigmoid_residual(2.0),
+        Epilogue::activation(Activation::Gelu),
+    ] {
+        let reference = fused_linear(&x, &w, Some(&b), None, epilogue, Precision::Exact).unwrap();
+        for dtype in [DType::F16, DType::BF16] {
+            let cast = |t: &Tensor| t.to_dtype(dtype).unwrap();
+            let y = fused_linear(
+                &cast(&x),
+                &cast(&w),
+                Some(&cast(&b)),
+                None,
+                epilogue,
+                Precision::Exact,
+            )
+            .unwrap();
+            assert_eq!(y.dtype(), dtype);
+            let err = relative_error(&y, &reference);
+            assert!(err < 1e-2, "{epilogue:?} {dtype:?}: {err}");
+        }
+    }
+}
+
+fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
+    let a = a
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let b = b
+        .to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f64>()
+        .unwrap();
+    let diff = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f64, f64::max);
+    diff / b.iter().fold(1e-30f64, |m, v| m.max(v.abs()))
+}
+
+/// A deterministic pseudo-random f64 tensor (no RNG state shared between tests).
+fn seeded(shape: &[usize], seed: u64, lo: f64, hi: f64) -> Tensor {
+    let count: usize = shape.iter().product();
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let values: Vec<f64> = (0..count)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lo + (hi - lo) * ((state >> 11) as f64 / (1u64 << 53) as f64)
+        })
+        .collect();
+    Tensor::from_vec(values, shape, &Device::Cpu).unwrap()
+}
+
+/// Checks every gradient of `loss(inputs) = Σ f(inputs) ⊙ g` against central differences
+/// at every element (the problems are small).
+fn gradcheck(name: &str, inputs: &[Tensor], f: &dyn Fn(&[Tensor]) -> Result<Tensor>) {
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors).unwrap();
+    let g = seeded(y.dims(), 99, -1.0, 1.0);
+    let loss = |ts: &[Tensor]| -> f64 {
+        (f(ts).unwrap() * &g)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f64>()
+            .unwrap()
+    };
+    let grads = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let h = 1e-6;
+    for (i, input) in inputs.iter().enumerate() {
+        let analytic = grads
+            .get(&tensors[i])
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap();
+        let values = input.flatten_all().unwrap().to_vec1::<f64>().unwrap();
+        let scale = analytic.iter().fold(1e-3f64, |m, v| m.max(v.abs()));
+        for e in 0..values.len() {
+            let at = |delta: f64| -> f64 {
+                let mut moved = values.clone();
+                moved[e] += delta;
+                let mut ts: Vec<Tensor> = inputs.to_vec();
+                ts[i] = Tensor::from_vec(moved, input.shape(), &Device::Cpu).unwrap();
+                loss(&ts)
+            };
+            let numeric = (at(h) - at(-h)) / (2.0 * h);
+            assert!(
+                (numeric - analytic[e]).abs() <= 1e-6 * scale,
+                "{name}: input {i} element {e}: numeric {numeric} analytic {}",
+                analytic[e]
+            );
+        }
+    }
+}
+
+/// Shapes that are multiples of nothing, batch 1 included.
+const SHAPES: [(usize, usize, usize); 4] = [(1, 3, 2), (5, 7, 3), (2, 1, 9), (6, 11, 13)];
+
+#[test]
+fn fused_linear_gradients_match_finite_differences() {
+    for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+        let seed = s as u64 * 10;
+        for activation in Activation::ALL {
+            for (scale, residual) in [
+                (OutputScale::None, false),
+                (OutputScale::Scalar(1.7), true),
+                (OutputScale::PerFeature, false),
+                (OutputScale::PerFeature, true),
+            ] {
+                let epilogue = Epilogue {
+                    activation,
+                    scale,
+                    residual,
+                };
+                let mut inputs = vec![
+                    seeded(&[m, k], seed + 1, -1.5, 1.5),
+                    seeded(&[n, k], seed + 2, -1.0, 1.0),
+                    seeded(&[n], seed + 3, -0.5, 0.5),
+                ];
+                if epilogue.has_scale_param() {
+                    inputs.push(seeded(&[n], seed + 4, 0.5, 2.0));
+                }
+                gradcheck(&format!("{epilogue:?} {m}x{k}->{n}"), &inputs, &|t| {
+                    fused_linear(
+                        &t[0],
+                        &t[1],
+                        Some(&t[2]),
+                        t.get(3),
+                        epilogue,
+                        Precision::Exact,
+                    )
+                });
+            }
+        }
+    }
+}
+
+#[test]
+fn batch_norm_gradients_match_finite_differences() {
+    for (s, &(m, k, n)) in SHAPES.iter().enumerate() {
+        let seed = s as u64 * 10 + 100;
+        for train in [false, true] {
+            if train && m < 2 {
+                continue; // train mode needs two rows; tests/errors.rs covers the error
+            }
+            for epilogue in [Epilogue::per_feature_scale(), Epilogue::swish_scale(0.8)] {
+                let mut inputs = vec![
+                    seeded(&[m, k], seed + 1, -1.5, 1.5),
+                    seeded(&[n, k], seed + 2, -1.0, 1.0),
+                    seeded(&[n], seed + 3, -0.5, 0.5),
+                    seeded(&[n], seed + 5, 0.5, 1.5),
+                    seeded(&[n], seed + 6, -0.5, 0.5),
+                ];
+                if epilogue.has_scale_param() {
+                    inputs.push(seeded(&[n], seed + 4, 0.5, 2.0));
+                }
+                let running_mean = seeded(&[n], seed + 7, -0.3, 0.3);
+                let running_var = seeded(&[n], seed + 8, 0.5, 2.0);
+                gradcheck(
+                    &format!("bn train={train} {epilogue:?} {m}x{k}->{n}"),
+                    &inputs,
+                    &|t| {
+                        let bn = BatchNormParams {
+                            weight: &t[3],
+                            bias: &t[4],
+                            running_mean: &running_mean,
+                            running_var: &running_var,
+                            eps: 1e-3,
+                        };
+                        let (y, _) = fused_linear_batch_norm(
+                            &t[0],
+                            &t[1],
+                            Some(&t[2]),
+                            t.get(5),
+                            epilogue,
+                            &bn,
+                            train,
+                            Precision::Exact,
+                        )?;
+                        Ok(y)
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// The shipped goldens come with non-trivial BatchNorm state, so eval mode really reads it.
+#[test]
+fn batch_norm_eval_and_train_differ_on_the_golden() {
+    let golden = golden("scale_batchnorm");
+    assert!(relative_error(&golden["y.eval"], &golden["y.train"]) > 0.1);
+}
