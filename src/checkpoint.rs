@@ -240,8 +240,21 @@ impl Checkpoint {
             hf_hub::RepoType::Model,
             revision.to_string(),
         ));
+        // The Hub's cache keeps `refs/` for branches and tags only: a commit names its
+        // snapshot directly.
+        let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+        let snapshot = |name: &str| {
+            let folder = hf_hub::Repo::model(repo_id.to_string()).folder_name();
+            let path = cache
+                .path()
+                .join(folder)
+                .join("snapshots")
+                .join(revision)
+                .join(name);
+            (is_commit && path.is_file()).then_some(path)
+        };
         let file = |name: &str| -> Result<PathBuf> {
-            repo.get(name).ok_or_else(|| {
+            repo.get(name).or_else(|| snapshot(name)).ok_or_else(|| {
                 candle_core::Error::Msg(format!(
                     "{name} of {repo_id} (revision {revision}) is not in the Hugging Face cache at {}; download the repo first",
                     cache.path().display()

@@ -26,6 +26,8 @@
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
 pub mod checkpoint;
 mod cpu;
 #[cfg(feature = "cuda")]

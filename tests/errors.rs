@@ -1,0 +1,890 @@
+//! Bad input to the fused ops and the modules: every case returns a `candle_core::Error` whose
+//! message names the problem (the operand, the shape, the dtype, the key), never a panic, and
+//! the inputs that are merely laid out differently (non-contiguous) are accepted.
+
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
+use candle_fused::{
+    fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Epilogue, FusedLinear,
+    Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale,
+};
+use candle_nn::{VarBuilder, VarMap};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+const OPS: [&str; 2] = ["fused_linear", "fused_linear_batch_norm"];
+const EPS: f64 = 1e-5;
+const FACTOR: f64 = 2.0;
+
+/// Asserts that `result` is an error whose message contains every one of `needles`.
+#[track_caller]
+fn assert_err<T>(result: Result<T>, needles: &[&str]) -> String {
+    match result {
+        Ok(_) => panic!("expected an error mentioning {needles:?}, got Ok"),
+        Err(e) => {
+            let msg = e.to_string();
+            for needle in needles {
+                assert!(
+                    msg.contains(needle),
+                    "the error {msg:?} does not mention {needle:?}"
+                );
+            }
+            msg
+        }
+    }
+}
+
+/// A tensor of values uniform in `[lo, hi)`, reproducible from `seed`.
+fn uniform(dims: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let n = dims.iter().product();
+    let values: Vec<f32> = (0..n).map(|_| rng.random_range(lo..hi) as f32).collect();
+    Tensor::from_vec(values, dims, &Device::Cpu).unwrap()
+}
+
+/// The operands of one layer: `x (batch, in)`, `w (out, in)` and the per-feature vectors.
+struct Operands {
+    x: Tensor,
+    w: Tensor,
+    b: Tensor,
+    scale: Tensor,
+    gamma: Tensor,
+    beta: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+}
+
+impl Operands {
+    fn new(batch: usize, inp: usize, out: usize) -> Self {
+        Operands {
+            x: uniform(&[batch, inp], -1.0, 1.0, 1),
+            w: uniform(&[out, inp], -0.5, 0.5, 2),
+            b: uniform(&[out], -0.5, 0.5, 3),
+            scale: uniform(&[out], 0.5, 1.5, 4),
+            gamma: uniform(&[out], 0.5, 1.5, 5),
+            beta: uniform(&[out], -0.5, 0.5, 6),
+            running_mean: uniform(&[out], -0.2, 0.2, 7),
+            running_var: uniform(&[out], 0.5, 1.5, 8),
+        }
+    }
+
+    fn to_dtype(&self, dtype: DType) -> Self {
+        let c = |t: &Tensor| t.to_dtype(dtype).unwrap();
+        Operands {
+            x: c(&self.x),
+            w: c(&self.w),
+            b: c(&self.b),
+            scale: c(&self.scale),
+            gamma: c(&self.gamma),
+            beta: c(&self.beta),
+            running_mean: c(&self.running_mean),
+            running_var: c(&self.running_var),
+        }
+    }
+
+    fn bn(&self) -> BatchNormParams<'_> {
+        BatchNormParams {
+            weight: &self.gamma,
+            bias: &self.beta,
+            running_mean: &self.running_mean,
+            running_var: &self.running_var,
+            eps: EPS,
+        }
+    }
+
+    /// SwishScale through `fused_linear`.
+    fn linear(&self) -> Result<Tensor> {
+        fused_linear(
+            &self.x,
+            &self.w,
+            Some(&self.b),
+            None,
+            Epilogue::swish_scale(FACTOR),
+            Precision::Exact,
+        )
+    }
+
+    /// ScaleBatchNorm through `fused_linear_batch_norm`.
+    fn batch_norm(&self, train: bool) -> Result<Tensor> {
+        fused_linear_batch_norm(
+            &self.x,
+            &self.w,
+            Some(&self.b),
+            Some(&self.scale),
+            Epilogue::per_feature_scale(),
+            &self.bn(),
+            train,
+            Precision::Exact,
+        )
+        .map(|(y, _)| y)
+    }
+
+    /// Both ops, each with its op name (`OPS`); the BatchNorm op in train and eval mode.
+    fn both(&self) -> Vec<(&'static str, Result<Tensor>)> {
+        vec![
+            (OPS[0], self.linear()),
+            (OPS[1], self.batch_norm(true)),
+            (OPS[1], self.batch_norm(false)),
+        ]
+    }
+}
+
+/// Asserts that both ops fail on `ops` with messages naming the op and every one of `needles`.
+#[track_caller]
+fn assert_both_err(ops: &Operands, needles: &[&str]) {
+    for (op, result) in ops.both() {
+        let mut all = vec![op];
+        all.extend_from_slice(needles);
+        assert_err(result, &all);
+    }
+}
+
+/// `max |a - b|` over all elements, in f64.
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.dims(), b.dims());
+    let d = (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap()).unwrap();
+    d.abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f64>()
+        .unwrap()
+}
+
+/// Asserts bitwise equality of two tensors of one dtype.
+#[track_caller]
+fn assert_same(a: &Tensor, b: &Tensor) {
+    assert_eq!(a.dims(), b.dims());
+    assert_eq!(a.dtype(), b.dtype());
+    let a = a.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let b = b.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    assert_eq!(a.to_vec1::<f64>().unwrap(), b.to_vec1::<f64>().unwrap());
+}
+
+/// `x·Wᵀ + b` in f64 with plain candle ops.
+fn reference_z(ops: &Operands) -> Tensor {
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    f(&ops.x)
+        .matmul(&f(&ops.w).t().unwrap())
+        .unwrap()
+        .broadcast_add(&f(&ops.b))
+        .unwrap()
+}
+
+/// SwishScale in f64 with plain candle ops: `z * sigmoid(z) * FACTOR`.
+fn reference_swish(ops: &Operands) -> Tensor {
+    let z = reference_z(ops);
+    let sigmoid = (z.neg().unwrap().exp().unwrap() + 1.0)
+        .unwrap()
+        .recip()
+        .unwrap();
+    ((z * sigmoid).unwrap() * FACTOR).unwrap()
+}
+
+/// ScaleBatchNorm in eval mode in f64 with plain candle ops.
+fn reference_batch_norm_eval(ops: &Operands) -> Tensor {
+    let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+    let u = reference_z(ops).broadcast_mul(&f(&ops.scale)).unwrap();
+    let inv_std = (f(&ops.running_var) + EPS)
+        .unwrap()
+        .sqrt()
+        .unwrap()
+        .recip()
+        .unwrap();
+    u.broadcast_sub(&f(&ops.running_mean))
+        .unwrap()
+        .broadcast_mul(&inv_std)
+        .unwrap()
+        .broadcast_mul(&f(&ops.gamma))
+        .unwrap()
+        .broadcast_add(&f(&ops.beta))
+        .unwrap()
+}
+
+/// A module built from a fresh `VarMap` (PyTorch's initialisation).
+fn fresh_model(config: &ModelConfig) -> Model {
+    let map = VarMap::new();
+    Model::load(
+        VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        config,
+    )
+    .unwrap()
+}
+
+fn config(kind: ModelKind, inp: usize, out: usize) -> ModelConfig {
+    ModelConfig {
+        kind,
+        in_features: inp,
+        out_features: out,
+        scaling_factor: (kind != ModelKind::ScaleBatchNorm).then_some(FACTOR),
+        eps: EPS,
+        momentum: Some(0.1),
+    }
+}
+
+#[test]
+fn input_of_rank_other_than_two_is_rejected() {
+    let base = Operands::new(4, 8, 6);
+    for (dims, shown) in [(vec![8], "[8]"), (vec![2, 4, 8], "[2, 4, 8]")] {
+        let ops = Operands {
+            x: uniform(&dims, -1.0, 1.0, 9),
+            ..Operands::new(4, 8, 6)
+        };
+        assert_both_err(&ops, &["input must have shape (batch, in_features)", shown]);
+        // The same through the modules.
+        for kind in [
+            ModelKind::SwishScale,
+            ModelKind::SigmoidResidual,
+            ModelKind::ScaleBatchNorm,
+        ] {
+            let model = fresh_model(&config(kind, 8, 6));
+            for train in [false, true] {
+                assert_err(
+                    model.forward_t(&ops.x, train),
+                    &["input must have shape (batch, in_features)", shown],
+                );
+            }
+        }
+    }
+    // The valid operands do work (the errors above come from the rank alone).
+    for (op, result) in base.both() {
+        assert_eq!(result.unwrap().dims(), &[4, 6], "{op}");
+    }
+}
+
+#[test]
+fn weight_of_wrong_rank_is_rejected() {
+    for (dims, shown) in [(vec![6], "[6]"), (vec![1, 6, 8], "[1, 6, 8]")] {
+        let ops = Operands {
+            w: uniform(&dims, -0.5, 0.5, 10),
+            ..Operands::new(4, 8, 6)
+        };
+        assert_both_err(
+            &ops,
+            &["weight must have shape (out_features, in_features)", shown],
+        );
+        let layer =
+            FusedLinear::new(ops.w.clone(), Some(ops.b.clone()), None, Epilogue::IDENTITY).unwrap();
+        assert_err(
+            layer.forward(&ops.x),
+            &["fused_linear", "weight must have shape", shown],
+        );
+    }
+}
+
+#[test]
+fn in_features_mismatch_is_rejected() {
+    let ops = Operands {
+        w: uniform(&[6, 7], -0.5, 0.5, 11),
+        ..Operands::new(4, 8, 6)
+    };
+    assert_both_err(
+        &ops,
+        &["the input has 8 features but the weight [6, 7] expects 7"],
+    );
+    // Through the modules: a model for 8 features fed 9.
+    let x = uniform(&[4, 9], -1.0, 1.0, 12);
+    for kind in [
+        ModelKind::SwishScale,
+        ModelKind::SigmoidResidual,
+        ModelKind::ScaleBatchNorm,
+    ] {
+        let model = fresh_model(&config(kind, 8, 6));
+        for train in [false, true] {
+            assert_err(
+                model.forward_t(&x, train),
+                &["the input has 9 features but the weight [6, 8] expects 8"],
+            );
+        }
+    }
+}
+
+#[test]
+fn per_feature_vectors_of_the_wrong_length_are_rejected() {
+    let good = || Operands::new(4, 8, 6);
+    let short = || uniform(&[5], 0.5, 1.5, 13);
+    let long = || uniform(&[7], 0.5, 1.5, 14);
+    let row = || uniform(&[1, 6], 0.5, 1.5, 15);
+    for (bad, shown) in [(short(), "[5]"), (long(), "[7]"), (row(), "[1, 6]")] {
+        // The bias goes to both ops.
+        let ops = Operands {
+            b: bad.clone(),
+            ..good()
+        };
+        assert_both_err(&ops, &["bias must have shape (6,)", shown]);
+        // The others go to the BatchNorm op.
+        let cases: [(&str, Operands); 5] = [
+            (
+                "scale",
+                Operands {
+                    scale: bad.clone(),
+                    ..good()
+                },
+            ),
+            (
+                "bn.weight",
+                Operands {
+                    gamma: bad.clone(),
+                    ..good()
+                },
+            ),
+            (
+                "bn.bias",
+                Operands {
+                    beta: bad.clone(),
+                    ..good()
+                },
+            ),
+            (
+                "bn.running_mean",
+                Operands {
+                    running_mean: bad.clone(),
+                    ..good()
+                },
+            ),
+            (
+                "bn.running_var",
+                Operands {
+                    running_var: bad.clone(),
+                    ..good()
+                },
+            ),
+        ];
+        for (name, ops) in cases {
+            let needle = format!("{name} must have shape (6,), got {shown}");
+            for train in [true, false] {
+                assert_err(ops.batch_norm(train), &[OPS[1], &needle]);
+            }
+        }
+        // A per-feature scale through fused_linear.
+        let ops = good();
+        let result = fused_linear(
+            &ops.x,
+            &ops.w,
+            Some(&ops.b),
+            Some(&bad),
+            Epilogue::per_feature_scale(),
+            Precision::Exact,
+        );
+        assert_err(
+            result,
+            &[OPS[0], &format!("scale must have shape (6,), got {shown}")],
+        );
+        // And through a module built over existing tensors.
+        let layer =
+            FusedLinear::new(ops.w.clone(), Some(bad.clone()), None, Epilogue::IDENTITY).unwrap();
+        assert_err(
+            layer.forward(&ops.x),
+            &[OPS[0], "bias must have shape (6,)", shown],
+        );
+    }
+}
+
+#[test]
+fn dtype_mismatches_are_rejected() {
+    let f32s = Operands::new(4, 8, 6);
+    let f64s = f32s.to_dtype(DType::F64);
+    let good = || Operands::new(4, 8, 6);
+    let c = |t: &Tensor| t.clone();
+    // The weight and the bias, for both ops.
+    assert_both_err(
+        &Operands {
+            w: c(&f64s.w),
+            ..good()
+        },
+        &["weight has dtype F64 but the input has F32"],
+    );
+    assert_both_err(
+        &Operands {
+            b: c(&f64s.b),
+            ..good()
+        },
+        &["bias has dtype F64 but the input has F32"],
+    );
+    // An f64 input with f32 parameters: the weight is named.
+    assert_both_err(
+        &Operands {
+            x: c(&f64s.x),
+            ..good()
+        },
+        &["weight has dtype F32 but the input has F64"],
+    );
+    let cases: [(&str, Operands); 5] = [
+        (
+            "scale",
+            Operands {
+                scale: c(&f64s.scale),
+                ..good()
+            },
+        ),
+        (
+            "bn.weight",
+            Operands {
+                gamma: c(&f64s.gamma),
+                ..good()
+            },
+        ),
+        (
+            "bn.bias",
+            Operands {
+                beta: c(&f64s.beta),
+                ..good()
+            },
+        ),
+        (
+            "bn.running_mean",
+            Operands {
+                running_mean: c(&f64s.running_mean),
+                ..good()
+            },
+        ),
+        (
+            "bn.running_var",
+            Operands {
+                running_var: c(&f64s.running_var),
+                ..good()
+            },
+        ),
+    ];
+    for (name, ops) in cases {
+        let needle = format!("{name} has dtype F64 but the input has F32");
+        for train in [true, false] {
+            assert_err(ops.batch_norm(train), &[OPS[1], &needle]);
+        }
+    }
+    // A half-precision input with f32 parameters.
+    assert_both_err(
+        &Operands {
+            x: f32s.x.to_dtype(DType::BF16).unwrap(),
+            ..good()
+        },
+        &["weight has dtype F32 but the input has BF16"],
+    );
+    // Through the modules: an f64 batch into an f32 model.
+    for kind in [
+        ModelKind::SwishScale,
+        ModelKind::SigmoidResidual,
+        ModelKind::ScaleBatchNorm,
+    ] {
+        let model = fresh_model(&config(kind, 8, 6));
+        for train in [false, true] {
+            assert_err(
+                model.forward_t(&f64s.x, train),
+                &["weight has dtype F32 but the input has F64"],
+            );
+        }
+    }
+    // All-f64 operands are fine.
+    for (op, result) in f64s.both() {
+        assert_eq!(result.unwrap().dtype(), DType::F64, "{op}");
+    }
+}
+
+#[test]
+fn integer_inputs_are_rejected() {
+    let good = Operands::new(4, 8, 6);
+    for dtype in [DType::U32, DType::I64, DType::U8] {
+        let shown = format!("unsupported dtype {dtype:?}");
+        // An integer input, with float parameters and with all operands integer.
+        assert_both_err(
+            &Operands {
+                x: good.x.to_dtype(dtype).unwrap(),
+                ..Operands::new(4, 8, 6)
+            },
+            &[&shown],
+        );
+        assert_both_err(&good.to_dtype(dtype), &[&shown]);
+        // An integer weight with a float input.
+        let needle = format!("weight has dtype {dtype:?} but the input has F32");
+        assert_both_err(
+            &Operands {
+                w: good.w.to_dtype(dtype).unwrap(),
+                ..Operands::new(4, 8, 6)
+            },
+            &[&needle],
+        );
+        // Through a module.
+        let model = fresh_model(&config(ModelKind::SwishScale, 8, 6));
+        assert_err(
+            model.forward_t(&good.x.to_dtype(dtype).unwrap(), false),
+            &[&shown],
+        );
+    }
+}
+
+#[test]
+fn empty_operands_are_rejected() {
+    for (batch, inp, out) in [(0, 8, 6), (4, 0, 6), (4, 8, 0)] {
+        let ops = Operands::new(batch, inp, out);
+        let needle = format!("empty operands: input [{batch}, {inp}], weight [{out}, {inp}]");
+        assert_both_err(&ops, &[&needle]);
+    }
+    // Through a module: an empty batch.
+    let model = fresh_model(&config(ModelKind::ScaleBatchNorm, 8, 6));
+    let x = Tensor::zeros((0, 8), DType::F32, &Device::Cpu).unwrap();
+    for train in [false, true] {
+        assert_err(
+            model.forward_t(&x, train),
+            &["empty operands", "input [0, 8]"],
+        );
+    }
+}
+
+#[test]
+fn batch_norm_train_needs_two_rows_but_eval_takes_one() {
+    let ops = Operands::new(1, 8, 6);
+    assert_err(
+        ops.batch_norm(true),
+        &[
+            OPS[1],
+            "train mode needs more than one value per feature, got a batch of 1",
+        ],
+    );
+    // Eval mode normalises by the running statistics: one row is fine, and right.
+    let y = ops.batch_norm(false).unwrap();
+    assert_eq!(y.dims(), &[1, 6]);
+    let err = max_abs_diff(&y, &reference_batch_norm_eval(&ops));
+    assert!(err < 1e-5, "eval mode with one row is off by {err}");
+    // Two rows are enough for train mode.
+    let two = Operands::new(2, 8, 6);
+    assert_eq!(two.batch_norm(true).unwrap().dims(), &[2, 6]);
+
+    // Through the module: the failed train-mode forward leaves the running statistics alone.
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    let module = ScaleBatchNorm::load(vb, 8, 6, EPS, Some(0.1)).unwrap();
+    let before: Vec<Vec<f64>> = module
+        .buffers()
+        .iter()
+        .map(|(_, t)| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    assert_err(module.forward_t(&ops.x, true), &["got a batch of 1"]);
+    assert_eq!(module.forward_t(&ops.x, false).unwrap().dims(), &[1, 6]);
+    let after: Vec<Vec<f64>> = module
+        .buffers()
+        .iter()
+        .map(|(_, t)| {
+            t.to_dtype(DType::F64)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(
+        before, after,
+        "a rejected or eval-mode forward changed the buffers"
+    );
+}
+
+#[test]
+fn scale_must_be_given_exactly_for_a_per_feature_epilogue() {
+    let ops = Operands::new(4, 8, 6);
+    let given_needlessly = "a scale tensor was given but the epilogue's scale is not per-feature";
+    let missing = "the epilogue has a per-feature scale but no scale tensor was given";
+    for epilogue in [
+        Epilogue::swish_scale(FACTOR),
+        Epilogue::IDENTITY,
+        Epilogue::activation(Activation::Relu),
+    ] {
+        let r = fused_linear(
+            &ops.x,
+            &ops.w,
+            Some(&ops.b),
+            Some(&ops.scale),
+            epilogue,
+            Precision::Exact,
+        );
+        assert_err(r, &[OPS[0], given_needlessly]);
+        for train in [true, false] {
+            let r = fused_linear_batch_norm(
+                &ops.x,
+                &ops.w,
+                Some(&ops.b),
+                Some(&ops.scale),
+                epilogue,
+                &ops.bn(),
+                train,
+                Precision::Exact,
+            );
+            assert_err(r, &[OPS[1], given_needlessly]);
+        }
+    }
+    let r = fused_linear(
+        &ops.x,
+        &ops.w,
+        Some(&ops.b),
+        None,
+        Epilogue::per_feature_scale(),
+        Precision::Exact,
+    );
+    assert_err(r, &[OPS[0], missing]);
+    for train in [true, false] {
+        let r = fused_linear_batch_norm(
+            &ops.x,
+            &ops.w,
+            Some(&ops.b),
+            None,
+            Epilogue::per_feature_scale(),
+            &ops.bn(),
+            train,
+            Precision::Exact,
+        );
+        assert_err(r, &[OPS[1], missing]);
+    }
+    // The module refuses to be built either way.
+    let needle = "a scale tensor must be given exactly when the epilogue's scale is per feature";
+    assert_err(
+        FusedLinear::new(
+            ops.w.clone(),
+            Some(ops.b.clone()),
+            None,
+            Epilogue::per_feature_scale(),
+        ),
+        &["FusedLinear", needle],
+    );
+    assert_err(
+        FusedLinear::new(
+            ops.w.clone(),
+            Some(ops.b.clone()),
+            Some(ops.scale.clone()),
+            Epilogue::swish_scale(FACTOR),
+        ),
+        &["FusedLinear", needle],
+    );
+}
+
+#[test]
+fn eps_must_be_positive_and_momentum_in_range() {
+    let ops = Operands::new(4, 8, 6);
+    for eps in [0.0, -1e-5, f64::NAN] {
+        let bn = BatchNormParams { eps, ..ops.bn() };
+        for train in [true, false] {
+            let r = fused_linear_batch_norm(
+                &ops.x,
+                &ops.w,
+                Some(&ops.b),
+                Some(&ops.scale),
+                Epilogue::per_feature_scale(),
+                &bn,
+                train,
+                Precision::Exact,
+            );
+            assert_err(r, &[OPS[1], &format!("eps must be positive, got {eps}")]);
+        }
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        assert_err(
+            ScaleBatchNorm::load(vb, 8, 6, eps, Some(0.1)),
+            &[
+                "ScaleBatchNorm",
+                &format!("eps must be positive, got {eps}"),
+            ],
+        );
+    }
+    for momentum in [1.5, -0.1, f64::NAN] {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        assert_err(
+            ScaleBatchNorm::load(vb, 8, 6, EPS, Some(momentum)),
+            &[
+                "ScaleBatchNorm",
+                &format!("momentum must be in [0, 1], got {momentum}"),
+            ],
+        );
+    }
+    // Model::load passes the config's eps on (a config built in code skips the JSON checks).
+    let cfg = ModelConfig {
+        eps: 0.0,
+        ..config(ModelKind::ScaleBatchNorm, 8, 6)
+    };
+    let map = VarMap::new();
+    assert_err(
+        Model::load(
+            VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+            &cfg,
+        ),
+        &["eps must be positive"],
+    );
+    // And a SwishScale config without its factor is refused by name.
+    let cfg = ModelConfig {
+        scaling_factor: None,
+        ..config(ModelKind::SwishScale, 8, 6)
+    };
+    let map = VarMap::new();
+    assert_err(
+        Model::load(
+            VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+            &cfg,
+        ),
+        &["swish_scale", "no scaling_factor"],
+    );
+}
+
+#[test]
+fn non_contiguous_operands_are_accepted() {
+    let ops = Operands::new(5, 8, 6);
+    // The same values in other layouts: transposed copies, a column slice of a wider matrix, a
+    // row slice with a start offset, and vectors read with a stride.
+    let transposed = |t: &Tensor| t.t().unwrap().contiguous().unwrap().t().unwrap();
+    let strided_vector = |v: &Tensor| {
+        // Column 1 of an (out, 3) matrix: stride 3.
+        let m = Tensor::stack(&[&v.zeros_like().unwrap(), v, &v.ones_like().unwrap()], 1).unwrap();
+        m.narrow(1, 1, 1).unwrap().squeeze(1).unwrap()
+    };
+    let column_slice = |t: &Tensor| {
+        // The matrix as the middle columns of a wider one.
+        let pad = t.zeros_like().unwrap();
+        Tensor::cat(&[&pad, t, &pad], 1)
+            .unwrap()
+            .narrow(1, t.dim(1).unwrap(), t.dim(1).unwrap())
+            .unwrap()
+    };
+    let row_offset = |t: &Tensor| {
+        let pad = t.ones_like().unwrap();
+        Tensor::cat(&[&pad, t], 0)
+            .unwrap()
+            .narrow(0, t.dim(0).unwrap(), t.dim(0).unwrap())
+            .unwrap()
+    };
+    let x_t = transposed(&ops.x);
+    let w_t = transposed(&ops.w);
+    assert!(!x_t.is_contiguous() && !w_t.is_contiguous());
+    assert!(!column_slice(&ops.x).is_contiguous());
+    assert!(!strided_vector(&ops.b).is_contiguous());
+    let variants: Vec<(&str, Operands)> = vec![
+        (
+            "transposed x",
+            Operands {
+                x: x_t.clone(),
+                ..Operands::new(5, 8, 6)
+            },
+        ),
+        (
+            "transposed weight",
+            Operands {
+                w: w_t.clone(),
+                ..Operands::new(5, 8, 6)
+            },
+        ),
+        (
+            "both transposed",
+            Operands {
+                x: x_t,
+                w: w_t,
+                ..Operands::new(5, 8, 6)
+            },
+        ),
+        (
+            "column-sliced x and weight",
+            Operands {
+                x: column_slice(&ops.x),
+                w: column_slice(&ops.w),
+                ..Operands::new(5, 8, 6)
+            },
+        ),
+        (
+            "row-offset x and weight",
+            Operands {
+                x: row_offset(&ops.x),
+                w: row_offset(&ops.w),
+                ..Operands::new(5, 8, 6)
+            },
+        ),
+        (
+            "strided vectors",
+            Operands {
+                b: strided_vector(&ops.b),
+                scale: strided_vector(&ops.scale),
+                gamma: strided_vector(&ops.gamma),
+                beta: strided_vector(&ops.beta),
+                running_mean: strided_vector(&ops.running_mean),
+                running_var: strided_vector(&ops.running_var),
+                ..Operands::new(5, 8, 6)
+            },
+        ),
+    ];
+    let expected: Vec<Tensor> = ops.both().into_iter().map(|(_, r)| r.unwrap()).collect();
+    // The contiguous results are right to begin with.
+    let err = max_abs_diff(&expected[0], &reference_swish(&ops));
+    assert!(err < 1e-5, "SwishScale is off by {err}");
+    let err = max_abs_diff(&expected[2], &reference_batch_norm_eval(&ops));
+    assert!(err < 1e-5, "ScaleBatchNorm (eval) is off by {err}");
+    for (what, variant) in &variants {
+        for ((op, result), want) in variant.both().into_iter().zip(&expected) {
+            let got = result.unwrap_or_else(|e| panic!("{op} rejected {what}: {e}"));
+            assert_same(&got, want);
+        }
+    }
+    // Through a module built over a transposed weight, and with a transposed batch.
+    let layer = FusedLinear::new(
+        transposed(&ops.w),
+        Some(ops.b.clone()),
+        None,
+        Epilogue::swish_scale(FACTOR),
+    )
+    .unwrap();
+    assert_same(&layer.forward(&transposed(&ops.x)).unwrap(), &expected[0]);
+    let map = VarMap::new();
+    let swish = SwishScale::load(
+        VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        8,
+        6,
+        FACTOR,
+    )
+    .unwrap();
+    assert_same(
+        &swish.forward(&transposed(&ops.x)).unwrap(),
+        &swish.forward(&ops.x).unwrap(),
+    );
+
+    // Gradients reach a non-contiguous variable too, equal to the contiguous one's.
+    let grad_of_x = |x: &Tensor| {
+        let x = candle_core::Var::from_tensor(x).unwrap();
+        let y = fused_linear(
+            x.as_tensor(),
+            &ops.w,
+            Some(&ops.b),
+            None,
+            Epilogue::swish_scale(FACTOR),
+            Precision::Exact,
+        )
+        .unwrap();
+        let grads = y.sum_all().unwrap().backward().unwrap();
+        grads.get(x.as_tensor()).unwrap().clone()
+    };
+    assert_same(&grad_of_x(&transposed(&ops.x)), &grad_of_x(&ops.x));
+}
+
+#[test]
+fn unknown_names_are_rejected() {
+    assert_err(
+        "softplus".parse::<Activation>(),
+        &["unknown activation \"softplus\"", "silu"],
+    );
+    assert_err("".parse::<Activation>(), &["unknown activation \"\""]);
+    assert_err(
+        "fp8".parse::<Precision>(),
+        &["unknown precision \"fp8\"", "exact or tf32"],
+    );
+    assert_err("TF32".parse::<Precision>(), &["unknown precision \"TF32\""]);
+    assert_err("mlp".parse::<ModelKind>(), &["unknown model \"mlp\""]);
+    // The documented names do parse.
+    assert_eq!("swish".parse::<Activation>().unwrap(), Activation::Silu);
+    assert_eq!("tf32".parse::<Precision>().unwrap(), Precision::Tf32);
+    assert_eq!("exact".parse::<Precision>().unwrap(), Precision::Exact);
+    for kind in [
+        ModelKind::SwishScale,
+        ModelKind::ScaleBatchNorm,
+        ModelKind::SigmoidResidual,
+    ] {
+        assert_eq!(kind.name().parse::<ModelKind>().unwrap(), kind);
+    }
+}
