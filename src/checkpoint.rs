@@ -268,7 +268,8 @@ impl Checkpoint {
     /// `owner/name@revision`) looked up in the default cache (`HF_HOME`, else
     /// `~/.cache/huggingface`).
     pub fn open(location: &str) -> Result<Self> {
-        if Path::new(location).is_dir() {
+        let looks_like_path = location.starts_with(['.', '/', '~']) || location.ends_with('/');
+        if looks_like_path || Path::new(location).is_dir() {
             return Self::from_dir(location);
         }
         let (repo_id, revision) = match location.split_once('@') {

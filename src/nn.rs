@@ -324,8 +324,7 @@ impl ScaleBatchNorm {
             .batches_seen
             .lock()
             .map_err(|_| candle_core::Error::Msg("ScaleBatchNorm: state poisoned".into()))?;
-        *seen += 1;
-        let factor = self.momentum.unwrap_or(1.0 / *seen as f64);
+        let factor = self.momentum.unwrap_or(1.0 / (*seen + 1) as f64);
         let dtype = self.running_mean.dtype();
         let unbiased = (stats.var.to_dtype(DType::F64)? * (batch as f64 / (batch as f64 - 1.0)))?;
         let blend = |running: &Var, batch_value: &Tensor| -> Result<()> {
@@ -336,7 +335,9 @@ impl ScaleBatchNorm {
         blend(&self.running_mean, &stats.mean)?;
         blend(&self.running_var, &unbiased)?;
         self.num_batches_tracked
-            .set(&self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?)
+            .set(&self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?)?;
+        *seen += 1;
+        Ok(())
     }
 }
 
@@ -424,6 +425,21 @@ impl Model {
             Model::ScaleBatchNorm(m) => m.parameters(),
             Model::SigmoidResidual(m) => m.parameters(),
         }
+    }
+
+    /// The trainable parameters as variables, for candle-nn's optimizers (the BatchNorm buffers,
+    /// which a [`VarMap`](candle_nn::VarMap) also holds, are left out). The model must have been
+    /// built from a `VarMap`; otherwise the parameters are not variables and this is an error.
+    pub fn trainable_vars(&self) -> Result<Vec<Var>> {
+        self.parameters()
+            .into_iter()
+            .map(|(name, t)| {
+                if !t.is_variable() {
+                    bail!("{name} is not a variable: build the model from a VarMap to train it");
+                }
+                Var::from_tensor(&t)
+            })
+            .collect()
     }
 
     /// The non-trainable state (BatchNorm's running statistics) under PyTorch names.

@@ -210,11 +210,14 @@ fn open_rejects_what_is_neither_a_directory_nor_a_repo_id() {
     let tmp = TempDir::new("open");
     let missing = tmp.path().join("no-such-checkpoint");
     let missing = missing.to_str().unwrap();
-    assert_err(
-        Checkpoint::open(missing),
-        &[missing, "neither a checkpoint directory nor a Hub repo id"],
-    );
-    for bad in ["just-a-name", "org/", "/name", "a/b/c"] {
+    // What looks like a path is read as a directory, and reported as one.
+    for path in [missing, "./no-such-checkpoint", "org/"] {
+        assert_err(
+            Checkpoint::open(path),
+            &[path, "checkpoint directory", "does not exist"],
+        );
+    }
+    for bad in ["just-a-name", "a/b/c", "org//name"] {
         assert_err(
             Checkpoint::open(bad),
             &[bad, "neither a checkpoint directory nor a Hub repo id"],
@@ -1032,7 +1035,14 @@ fn training_through_a_var_map_lowers_the_loss() {
         // Train mode throughout (it only matters to BatchNorm, which then normalises by the
         // batch statistics, the ones the gradients go through).
         let loss = || candle_nn::loss::mse(&model.forward_t(&x, true).unwrap(), &t).unwrap();
-        let mut sgd = SGD::new(map.all_vars(), 0.05).unwrap();
+        let trainable = model.trainable_vars().unwrap();
+        // Exactly the parameters: the BatchNorm buffers stay out of the optimizer.
+        assert_eq!(trainable.len(), model.parameters().len());
+        assert_eq!(
+            trainable.len() + model.buffers().len(),
+            map.all_vars().len()
+        );
+        let mut sgd = SGD::new(trainable, 0.05).unwrap();
         let initial = loss().to_scalar::<f32>().unwrap();
         for _ in 0..10 {
             sgd.backward_step(&loss()).unwrap();
@@ -1132,4 +1142,11 @@ fn batch_norm_running_stats_in_a_var_map_follow_pytorch() {
         assert_eq!(buffers(&map), before, "{dtype:?}");
         assert_eq!(batches_tracked(&map), start + 3);
     }
+}
+
+#[test]
+fn trainable_vars_need_a_var_map() {
+    let ckpt = Checkpoint::from_dir(shipped("swish_scale")).unwrap();
+    let model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
+    assert_err(model.trainable_vars(), &["matmul.weight", "VarMap"]);
 }
