@@ -124,13 +124,14 @@ impl PlainModel {
     }
 }
 
-/// Random parameters with PyTorch's names, as variables (so that a train step reaches them), for
-/// both versions of a model.
+/// Random parameters with PyTorch's names for both versions of a model: variables when
+/// `trainable` (so that a train step reaches them), else plain tensors as in inference.
 fn build(
     kind: ModelKind,
     (_, i, o): (usize, usize, usize),
     dtype: DType,
     device: &Device,
+    trainable: bool,
 ) -> Result<(Model, PlainModel)> {
     let config = ModelConfig {
         kind,
@@ -141,8 +142,12 @@ fn build(
         momentum: Some(0.1),
     };
     let bound = 1.0 / (i as f64).sqrt();
-    let var = |shape: &[usize], lo: f64, hi: f64| -> Result<Var> {
-        Var::from_tensor(&Tensor::rand(lo as f32, hi as f32, shape, device)?.to_dtype(dtype)?)
+    let var = |shape: &[usize], lo: f64, hi: f64| -> Result<Tensor> {
+        let t = Tensor::rand(lo as f32, hi as f32, shape, device)?.to_dtype(dtype)?;
+        match trainable {
+            true => Ok(Var::from_tensor(&t)?.as_tensor().clone()),
+            false => Ok(t),
+        }
     };
     let prefix = kind.linear_prefix();
     let mut named = vec![
@@ -161,13 +166,10 @@ fn build(
         }
         named.push((
             "bn.num_batches_tracked".to_string(),
-            Var::from_tensor(&Tensor::new(0i64, device)?)?,
+            Tensor::new(0i64, device)?,
         ));
     }
-    let tensors = named
-        .iter()
-        .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
-        .collect();
+    let tensors = named.iter().cloned().collect();
     let checkpoint = Checkpoint {
         config: config.clone(),
         tensors,
@@ -177,7 +179,7 @@ fn build(
         named
             .iter()
             .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_tensor().clone())
+            .map(|(_, v)| v.clone())
             .expect("named tensor")
     };
     let linear = candle_nn::Linear::new(
@@ -185,10 +187,12 @@ fn build(
         Some(get(&format!("{prefix}.bias"))),
     );
     let (scale, bn) = if kind == ModelKind::ScaleBatchNorm {
+        // candle-nn's train-mode BatchNorm computes the batch statistics of f16/bf16 inputs in
+        // f32 and blends them into the running statistics, which must then be f32 too.
         let bn = candle_nn::BatchNorm::new(
             o,
-            get("bn.running_mean").copy()?,
-            get("bn.running_var").copy()?,
+            get("bn.running_mean").to_dtype(DType::F32)?,
+            get("bn.running_var").to_dtype(DType::F32)?,
             get("bn.weight"),
             get("bn.bias"),
             1e-5,
@@ -232,8 +236,9 @@ fn ceilings(device: &Device, modes: &[String]) -> Result<(f64, Vec<(String, f64)
     } else {
         (1024, 1 << 24)
     };
-    let a = Tensor::zeros(elems, DType::F32, device)?;
-    let copy_ms = time(device, 10, |_| a.copy().map(drop))?;
+    let a = Tensor::rand(0f32, 1.0, elems, device)?;
+    let b = Tensor::zeros(elems, DType::F32, device)?;
+    let copy_ms = time(device, 10, |_| b.slice_set(&a, 0, 0))?;
     let bandwidth = 2.0 * 4.0 * elems as f64 / (copy_ms * 1e-3);
     let mut rates = Vec::new();
     for mode in modes {
@@ -282,8 +287,6 @@ fn main() -> Result<()> {
         let size @ (b, i, o) = problem_size(kind, args.reference_size);
         for (mode, rate) in &rates {
             let (dtype, precision) = mode_settings(mode)?;
-            let (fused, plain) = build(kind, size, dtype, device)?;
-            let fused = fused.with_precision(precision);
             let xs = (0..3)
                 .map(|_| Tensor::rand(-1f32, 1.0, (b, i), device)?.to_dtype(dtype))
                 .collect::<Result<Vec<_>>>()?;
@@ -297,6 +300,9 @@ fn main() -> Result<()> {
                 steps.push(("train", 3.0));
             }
             for (step, flop_factor) in steps {
+                // Inference on plain tensors (nothing kept for a backward); training on variables.
+                let (fused, plain) = build(kind, size, dtype, device, step == "train")?;
+                let fused = fused.with_precision(precision);
                 for variant in ["fused", "plain"] {
                     let forward = |x: &Tensor| -> Result<Tensor> {
                         match variant {

@@ -325,15 +325,18 @@ impl ScaleBatchNorm {
             .lock()
             .map_err(|_| candle_core::Error::Msg("ScaleBatchNorm: state poisoned".into()))?;
         let factor = self.momentum.unwrap_or(1.0 / (*seen + 1) as f64);
-        let dtype = self.running_mean.dtype();
-        let unbiased = (stats.var.to_dtype(DType::F64)? * (batch as f64 / (batch as f64 - 1.0)))?;
-        let blend = |running: &Var, batch_value: &Tensor| -> Result<()> {
-            let old = running.as_tensor().to_dtype(DType::F64)?;
-            let new = ((old * (1.0 - factor))? + (batch_value.to_dtype(DType::F64)? * factor)?)?;
-            running.set(&new.to_dtype(dtype)?)
+        // running = (1 - factor) * running + factor * weight * batch statistic, in the dtype of
+        // the statistics (f32, or f64 for f64 models), on the device.
+        let blend = |running: &Var, batch_value: &Tensor, weight: f64| -> Result<()> {
+            let old = running.as_tensor().to_dtype(batch_value.dtype())?;
+            let new =
+                (old.affine(1.0 - factor, 0.0)? + batch_value.affine(factor * weight, 0.0)?)?;
+            running.set(&new.to_dtype(running.dtype())?)
         };
-        blend(&self.running_mean, &stats.mean)?;
-        blend(&self.running_var, &unbiased)?;
+        let n = batch as f64;
+        blend(&self.running_mean, &stats.mean, 1.0)?;
+        // PyTorch's running variance takes the unbiased batch variance.
+        blend(&self.running_var, &stats.var, n / (n - 1.0))?;
         self.num_batches_tracked
             .set(&self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?)?;
         *seen += 1;

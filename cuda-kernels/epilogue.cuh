@@ -1,0 +1,136 @@
+// The pointwise epilogue of a fused linear layer, device side:
+//
+//     y = act(z) * s + (residual ? z : 0),   z = x·Wᵀ + bias
+//
+// This is the twin of `src/epilogue.rs`: the same formulas, the same activation codes. Each
+// piece is a small functor so that the kernels compose them instead of repeating the math:
+// an activation (`apply`, `grad`), `PointwiseEpilogue` that wraps one with the scale and the
+// residual, and `BatchNormFold` for the per-feature normalisation that follows it.
+#pragma once
+
+#include <math.h>
+
+namespace fused {
+
+// Codes shared with `Activation::code()` on the Rust side.
+enum ActivationCode : int {
+  ACT_IDENTITY = 0,
+  ACT_RELU = 1,
+  ACT_GELU = 2,
+  ACT_SILU = 3,
+  ACT_SIGMOID = 4,
+  ACT_TANH = 5,
+};
+
+// The logistic function, written so that neither branch overflows expf.
+__device__ __forceinline__ float sigmoid(float z) {
+  if (z >= 0.f) return 1.f / (1.f + expf(-z));
+  const float e = expf(z);
+  return e / (1.f + e);
+}
+
+struct Identity {
+  __device__ __forceinline__ float apply(float z) const { return z; }
+  __device__ __forceinline__ float grad(float) const { return 1.f; }
+};
+
+// torch.relu; the derivative is 0 at z = 0, as autograd takes it.
+struct Relu {
+  __device__ __forceinline__ float apply(float z) const { return fmaxf(z, 0.f); }
+  __device__ __forceinline__ float grad(float z) const { return z > 0.f ? 1.f : 0.f; }
+};
+
+// The exact (erf) GELU.
+struct Gelu {
+  __device__ __forceinline__ float apply(float z) const {
+    return 0.5f * z * (1.f + erff(z * 0.70710678118654752f));
+  }
+  __device__ __forceinline__ float grad(float z) const {
+    const float cdf = 0.5f * (1.f + erff(z * 0.70710678118654752f));
+    const float pdf = expf(-0.5f * z * z) * 0.39894228040143268f;
+    return cdf + z * pdf;
+  }
+};
+
+struct Silu {
+  __device__ __forceinline__ float apply(float z) const { return z * sigmoid(z); }
+  __device__ __forceinline__ float grad(float z) const {
+    const float s = sigmoid(z);
+    return s * (1.f + z * (1.f - s));
+  }
+};
+
+struct Sigmoid {
+  __device__ __forceinline__ float apply(float z) const { return sigmoid(z); }
+  __device__ __forceinline__ float grad(float z) const {
+    const float s = sigmoid(z);
+    return s * (1.f - s);
+  }
+};
+
+struct Tanh {
+  __device__ __forceinline__ float apply(float z) const { return tanhf(z); }
+  __device__ __forceinline__ float grad(float z) const {
+    const float t = tanhf(z);
+    return 1.f - t * t;
+  }
+};
+
+// Calls `f(activation)` with the functor for `code`. Kernels call it once, outside their
+// element loops, so that each activation gets its own straight-line code and the executed path
+// stays small (one switch per element would inline all six formulas at every element).
+template <class F>
+__device__ __forceinline__ decltype(auto) dispatch_activation(int code, F&& f) {
+  switch (code) {
+    case ACT_RELU: return f(Relu{});
+    case ACT_GELU: return f(Gelu{});
+    case ACT_SILU: return f(Silu{});
+    case ACT_SIGMOID: return f(Sigmoid{});
+    case ACT_TANH: return f(Tanh{});
+    default: return f(Identity{});
+  }
+}
+
+// `act(z) * s + (residual ? z : 0)`, where `s` is the scalar factor or the feature's scale.
+template <class Act>
+struct PointwiseEpilogue {
+  Act activation;
+  bool residual;
+
+  __device__ __forceinline__ float act(float z) const { return activation.apply(z); }
+  __device__ __forceinline__ float apply(float z, float s) const {
+    const float y = act(z) * s;
+    return residual ? y + z : y;
+  }
+  // dy/dz.
+  __device__ __forceinline__ float grad(float z, float s) const {
+    const float d = activation.grad(z) * s;
+    return residual ? d + 1.f : d;
+  }
+};
+
+// Calls `f(epilogue)` with the `PointwiseEpilogue` of an activation code.
+template <class F>
+__device__ __forceinline__ decltype(auto) dispatch_epilogue(int activation, bool residual, F&& f) {
+  return dispatch_activation(activation, [&](auto act) {
+    return f(PointwiseEpilogue<decltype(act)>{act, residual});
+  });
+}
+
+// `(u - mean) * gamma / sqrt(var + eps) + beta` with the per-feature factor precomputed. The
+// subtraction comes first so that a mean far from zero cancels exactly instead of through
+// `u * a - mean * a`.
+struct BatchNormFold {
+  float mean, factor, beta;
+  __device__ __forceinline__ float apply(float u) const { return (u - mean) * factor + beta; }
+};
+
+__device__ __forceinline__ BatchNormFold batch_norm_fold(float mean, float var, float gamma, float beta,
+                                                         float eps) {
+  return BatchNormFold{mean, gamma / sqrtf(var + eps), beta};
+}
+
+// The fold that leaves u unchanged, for epilogues without a BatchNorm.
+__device__ __forceinline__ BatchNormFold no_batch_norm() { return BatchNormFold{0.f, 1.f, 0.f}; }
+
+}  // namespace fused

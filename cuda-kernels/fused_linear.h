@@ -1,0 +1,76 @@
+// The C interface of the fused linear kernels, mirrored by `src/cuda/ffi.rs`.
+//
+// Every operand is contiguous and row-major; x is (m, k), w is (n, k) (the PyTorch Linear
+// layout), params is (rows, n) with the rows bias, [scale], [gamma, beta, [running_mean,
+// running_var]]. All launches go on the caller's stream; every entry point returns the first
+// CUDA error it meets (cudaSuccess otherwise) and never synchronises.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// Element type of x, w, params and of every output but the f32 statistics.
+enum FusedDType { FUSED_F32 = 0, FUSED_F16 = 1, FUSED_BF16 = 2 };
+
+// What follows the pointwise epilogue.
+enum FusedBatchNorm { FUSED_BN_NONE = 0, FUSED_BN_EVAL = 1, FUSED_BN_TRAIN = 2 };
+
+// y = epilogue(x·wᵀ + bias), optionally followed by a BatchNorm over the rows.
+typedef struct {
+  const void* x;
+  const void* w;
+  const void* params;
+  void* y;           // (m, n)
+  void* z;           // (m, n) pre-activation, or NULL to skip it
+  float* workspace;  // BN train: fused_linear_workspace_floats() floats; NULL otherwise
+  float* stats;      // BN: (2, n) [mean, biased variance]; NULL otherwise
+  int64_t m, n, k;
+  int32_t dtype;       // FusedDType
+  int32_t tf32;        // f32 only: 1 = one TF32 product, 0 = 3xTF32 (fp32 accuracy)
+  int32_t activation;  // Activation::code()
+  int32_t has_scale;   // params row 1 is a per-feature scale
+  int32_t residual;    // add z back
+  int32_t batch_norm;  // FusedBatchNorm
+  float scale;         // the scalar factor (1 when per-feature)
+  float eps;           // BN epsilon
+} FusedLinearArgs;
+
+// Floats of workspace that fused_linear_forward needs for these arguments (0 unless BN train).
+int64_t fused_linear_workspace_floats(const FusedLinearArgs* args);
+
+// The forward: one GEMM kernel with the whole epilogue; for BN train, a second kernel that
+// merges the per-tile statistics and normalises y in place.
+cudaError_t fused_linear_forward(const FusedLinearArgs* args, cudaStream_t stream);
+
+// The backward of the epilogue (and BatchNorm): dz and the parameter gradients.
+typedef struct {
+  const void* g;       // (m, n) gradient of y
+  const void* z;       // (m, n) pre-activation; NULL when the epilogue does not need it
+  const void* params;  // as in the forward
+  const float* stats;  // BN: (2, n) [mean, variance] used by the forward; NULL otherwise
+  void* dz;            // (m, n)
+  void* dparams;       // same rows as params; rows of running statistics are zeroed
+  float* workspace;    // fused_backward_workspace_floats() floats (the kernels keep doubles in it)
+  int64_t m, n;
+  int32_t dtype;
+  int32_t activation;
+  int32_t has_scale;
+  int32_t residual;
+  int32_t batch_norm;  // FusedBatchNorm; eval carries running_mean/var rows in params
+  float scale;
+  float eps;
+} FusedBackwardArgs;
+
+// Floats of workspace that fused_backward needs for these arguments.
+int64_t fused_backward_workspace_floats(const FusedBackwardArgs* args);
+
+// dz = g * d epilogue/dz (through the BatchNorm when batch_norm != NONE) and dparams.
+cudaError_t fused_backward(const FusedBackwardArgs* args, cudaStream_t stream);
+
+#ifdef __cplusplus
+}
+#endif

@@ -1,0 +1,547 @@
+// The Hopper (sm_90a) fast path of the fused linear forward: the y = epilogue(x·wᵀ + bias) of
+// linear_forward.cu, on a CUTLASS warp-specialised GEMM.
+//
+// Why a second GEMM: on Hopper the portable kernel's mma.sync reaches about half of what the
+// tensor cores can do; wgmma, fed by the TMA copy engine from a producer warp while two consumer
+// warpgroups multiply, reaches most of the rest. CUTLASS's sm90 collectives are that design, so
+// this file instantiates them rather than writing it again. The epilogue stays fused: CUTLASS's
+// epilogue visitor trees (EVT) let the per-feature bias, the activation, the scale, the residual,
+// the optional store of z and an eval-mode BatchNorm run on the accumulators before the single
+// store of y, as in the portable kernel.
+//
+// What it takes (anything else returns false and the portable kernel runs):
+//   - bf16 and f16, and f32 with one TF32 product (tf32 == 1); exact f32 (3xTF32) stays portable;
+//   - k % 8 == 0 and n % 8 == 0, x, w, y and z 16-byte aligned: TMA moves 16-byte aligned rows;
+//   - every activation, scale and residual, with z kept or not; BatchNorm none, eval (given 2n
+//     floats of workspace, linear_sm90_workspace_floats) and train;
+//   - a device of compute capability 9.0 running this file's sm_90a code.
+//
+// The epilogue tree, leaves first (every node computes in f32):
+//   z = acc + bias_j                               bias: a per-feature vector
+//   z is stored to args.z when that is not null    (a no-op node otherwise)
+//   u = act(z) * s_j * scale + (residual ? z : 0)  s: the per-feature scale, or 1 without one
+//   y = u * f_j + d_j                              f, d: the folded eval BatchNorm, or 1 and 0
+// Absent vectors are null pointers that CUTLASS reads as constants, and the activation and the
+// residual are run-time arguments, so one GEMM per element type and tile configuration serves
+// every epilogue: six instantiations in all (three element types, two batch regimes).
+//
+// BatchNorm: eval folds into the last node, f = γ/sqrt(rv + eps) and d = β − rm·f, computed by a
+// small kernel before the GEMM (which also writes the running statistics to `stats`, as the
+// portable path does). Train stores u as y, then a light kernel reduces each (128-row tile,
+// column) of the stored u to (mean, M2) in the portable kernel's workspace layout, and
+// batch_norm.cu's finalize kernel merges them and normalises y in place, exactly as after the
+// portable GEMM.
+#include "linear_sm90.cuh"
+
+#include "common.cuh"
+#include "epilogue.cuh"
+
+#if defined(FUSED_SM90)
+
+#include <atomic>
+
+#include <cute/tensor.hpp>
+#include <cutlass/cutlass.h>
+#include <cutlass/epilogue/collective/collective_builder.hpp>
+#include <cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp>
+#include <cutlass/gemm/collective/collective_builder.hpp>
+#include <cutlass/gemm/device/gemm_universal_adapter.h>
+#include <cutlass/gemm/kernel/gemm_universal.hpp>
+
+namespace fused {
+
+// Defined with the portable path: the row tile of its statistics partials, and the kernel that
+// merges them and normalises y.
+int64_t linear_row_tile(int32_t dtype);
+cudaError_t batch_norm_train_finalize(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream);
+
+namespace sm90 {
+
+namespace evt = cutlass::epilogue::fusion;
+using cute::_1;
+using cute::_128;
+using cute::_2;
+using cute::Int;
+using cute::Shape;
+
+constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+// ---------------------------------------------------------------------------------------------
+// Epilogue pieces.
+
+// A per-feature vector: one value per column of y, which CUTLASS calls a row broadcast. A null
+// pointer reads as the argument's `null_default`, so an absent row costs no memory traffic.
+template <class CtaTile, class E>
+using Feature = evt::Sm90RowBroadcast<0, CtaTile, E, float>;
+
+// The run-time half of u = act(z) * s * scale + (residual ? z : 0).
+struct PointwiseArguments {
+  int activation = ACT_IDENTITY;
+  float scale = 1.f;  // the scalar factor; the per-feature one is the node's second input
+  int residual = 0;
+};
+
+// The activations as the epilogue evaluates them. CUTLASS unrolls the epilogue over the whole
+// 128-element share of a thread's tile, so each instruction per element becomes 128 in the
+// executed code: with expf and the IEEE division (about 40 instructions, with branches) the
+// sigmoid alone made ~80 KB of code per tile, which missed the instruction cache and took longer
+// than the tile's GEMM. Hence the logistic function with the hardware exp2 and reciprocal
+// (__expf, __fdividef: a few instructions, relative error ~1e-6, far below even f32 TF32's).
+// It saturates without branches: e^-z = inf gives 1/inf = 0.
+__device__ __forceinline__ float fast_sigmoid(float z) { return __fdividef(1.f, 1.f + __expf(-z)); }
+
+struct FastSilu {
+  __device__ __forceinline__ float apply(float z) const { return z * fast_sigmoid(z); }
+};
+struct FastSigmoid {
+  __device__ __forceinline__ float apply(float z) const { return fast_sigmoid(z); }
+};
+// tanh(z) = 2σ(2z) − 1: absolute error ~1e-7, relative to the output's unit scale.
+struct FastTanh {
+  __device__ __forceinline__ float apply(float z) const { return 2.f * fast_sigmoid(2.f * z) - 1.f; }
+};
+
+// The exact (erf) GELU, with erf from Abramowitz & Stegun 7.1.26 (absolute error below 1.5e-7):
+// about fifteen instructions and no branch, where erff takes ~25 with several.
+// erf(|x|) = 1 − t·(a1 + t·(a2 + t·(a3 + t·(a4 + t·a5))))·e^(−x²), t = 1 / (1 + p·|x|).
+struct FastGelu {
+  __device__ __forceinline__ float apply(float z) const {
+    const float x = fabsf(z) * 0.70710678118654752f;
+    const float t = __fdividef(1.f, fmaf(0.3275911f, x, 1.f));
+    const float poly =
+        t * fmaf(t, fmaf(t, fmaf(t, fmaf(t, 1.061405429f, -1.453152027f), 1.421413741f), -0.284496736f), 0.254829592f);
+    const float erf_abs = 1.f - poly * __expf(-x * x);
+    return 0.5f * z * (1.f + copysignf(erf_abs, z));
+  }
+};
+
+template <class Act, int N>
+CUTLASS_DEVICE cutlass::Array<float, N> act_scale_residual(Act act, const cutlass::Array<float, N>& z,
+                                                            const cutlass::Array<float, N>& s,
+                                                            const PointwiseArguments& a) {
+  cutlass::Array<float, N> u;
+  CUTLASS_PRAGMA_UNROLL
+  for (int i = 0; i < N; ++i) {
+    // The association of PointwiseEpilogue: one of s and scale is 1, so s * scale is exact.
+    const float y = act.apply(z[i]) * (s[i] * a.scale);
+    u[i] = a.residual ? y + z[i] : y;
+  }
+  return u;
+}
+
+// EVT compute function: (z, s) -> u. The activation is uniform over a launch, so switching once
+// per fragment costs a predictable branch, and only the taken case's code runs.
+template <class>
+struct ActScaleResidual {
+  using Arguments = PointwiseArguments;  // CUTLASS passes these after the inputs
+
+  template <int N>
+  CUTLASS_DEVICE cutlass::Array<float, N> operator()(const cutlass::Array<float, N>& z,
+                                                     const cutlass::Array<float, N>& s,
+                                                     const Arguments& a) const {
+    switch (a.activation) {
+      case ACT_RELU: return act_scale_residual(Relu{}, z, s, a);
+      case ACT_GELU: return act_scale_residual(FastGelu{}, z, s, a);
+      case ACT_SILU: return act_scale_residual(FastSilu{}, z, s, a);
+      case ACT_SIGMOID: return act_scale_residual(FastSigmoid{}, z, s, a);
+      case ACT_TANH: return act_scale_residual(FastTanh{}, z, s, a);
+      default: return act_scale_residual(Identity{}, z, s, a);
+    }
+  }
+};
+
+// The tree described at the top of the file, for output element T.
+template <class T, class CtaTile, class EpilogueDescriptor>
+struct LinearEpilogue {
+  template <template <class> class Fn, class Out = float>
+  using Compute = evt::Sm90Compute<Fn, Out, float, kRound>;
+
+  // z = acc + bias_j
+  using Z = evt::Sm90EVT<Compute<cutlass::plus>, evt::Sm90AccFetch, Feature<CtaTile, T>>;
+
+  // z, also written to memory unless its pointer is null; the node passes its input through.
+  using ZDescriptor = cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpilogueDescriptor,
+                                                                                cutlass::layout::RowMajor, T>;
+  using ZStore = evt::Sm90AuxStore<ZDescriptor::Stages, typename EpilogueDescriptor::EpilogueTile, T, kRound,
+                                   typename ZDescriptor::Stride, typename ZDescriptor::SmemLayoutAtom,
+                                   typename ZDescriptor::CopyOpR2S>;
+  using ZKept = evt::Sm90EVT<ZStore, Z>;
+
+  // u = act(z) * s_j * scale + (residual ? z : 0)
+  using U = evt::Sm90EVT<Compute<ActScaleResidual>, ZKept, Feature<CtaTile, T>>;
+
+  // y = u * f_j + d_j, rounded once to T
+  using Y = evt::Sm90EVT<Compute<cutlass::homogeneous_multiply_add, T>, U, Feature<CtaTile, float>,
+                         Feature<CtaTile, float>>;
+  using Arguments = typename Y::Arguments;
+  using ZStride = typename ZDescriptor::Stride;
+
+  // What the tree reads and writes, as pointers that may be null.
+  struct Inputs {
+    const T* bias;
+    const T* scale_row;  // null: no per-feature scale
+    T* z;                // null: z is not kept
+    const float* bn_factor;
+    const float* bn_shift;  // both null: no eval BatchNorm
+    PointwiseArguments pointwise;
+    int64_t m, n;
+  };
+
+  static Arguments arguments(const Inputs& in) {
+    const ZStride z_stride{in.n, _1{}, in.m * in.n};
+    return Arguments{
+        {                                                // U
+         {                                               // ZKept
+          {{}, {in.bias, T(0.f)}, {}},                   // Z = acc + bias
+          {in.z, z_stride}},                             // store z
+         {in.scale_row, T(1.f)},                         // s
+         in.pointwise},                                  // act, scale, residual
+        {in.bn_factor, 1.f},                             // f
+        {in.bn_shift, 0.f},                              // d
+        {}};                                             // u * f + d
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// The GEMM: y (m, n) = x (m, k) · w (n, k)ᵀ, both operands K-major (the layout TF32 wgmma needs).
+//
+// A producer warp feeds the shared-memory pipeline through TMA; the persistent scheduler keeps
+// one CTA per SM walking the output tiles; CTAs run in clusters of two that multicast the operand
+// tile they share. Two configurations, by batch:
+//   - Wide (m > 128), compute-bound: ping-pong, each of two consumer warpgroups owning a 128x128
+//     tile, so that one's epilogue runs while the other multiplies (on H200 this beat two
+//     warpgroups sharing a 128x256 tile by 3-8% once the epilogue has an activation, and tied
+//     without one); clusters along m share the w tile; 128-byte k steps (64 16-bit or 32 f32
+//     elements) with the 128-byte TMA swizzle.
+//   - Narrow (m <= 128: one row of tiles, so clusters go along n and share the x tile), bound by
+//     streaming w once: what counts there is the bytes of w in flight per SM, i.e. the pipeline
+//     depth. Two cooperative warpgroups share a 128x256 tile (128 tiles for the 132 SMs at
+//     n = 32768); a 128x16 epilogue subtile halves the shared memory that stages y and z, which
+//     buys a fourth 16-bit stage; f32 takes 64-byte k steps (seven stages instead of three).
+struct Cooperative {
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  static constexpr int tile_n = 256;
+};
+struct PingPong {
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
+  static constexpr int tile_n = 128;
+};
+
+template <class ScheduleKind, class ClusterShape, class EpilogueTileShape, int KBytes>
+struct TileConfig {
+  using Schedule = ScheduleKind;
+  using Cluster = ClusterShape;
+  using EpilogueTile = EpilogueTileShape;
+  static constexpr int k_bytes = KBytes;
+};
+using WideBatch = TileConfig<PingPong, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
+template <class T>
+using NarrowBatch = TileConfig<Cooperative, Shape<_1, _2, _1>, Shape<_128, cute::_16>, sizeof(T) == 4 ? 64 : 128>;
+constexpr int64_t NARROW_BATCH_ROWS = 128;
+
+template <class T, class Config>
+struct Gemm {
+  using Element = T;
+  static constexpr int kAlign = 16 / sizeof(T);  // elements per 16 bytes
+  using CtaTile = Shape<_128, Int<Config::Schedule::tile_n>, Int<Config::k_bytes / int(sizeof(T))>>;
+  using Cluster = typename Config::Cluster;
+  using MainloopSchedule = typename Config::Schedule::Mainloop;
+  using EpilogueSchedule = typename Config::Schedule::Epilogue;
+  using EpilogueTile = typename Config::EpilogueTile;
+
+  using EpilogueDescriptor =
+      cutlass::epilogue::collective::detail::EpilogueDescriptor<CtaTile, EpilogueTile, void, T, EpilogueSchedule>;
+  using Tree = LinearEpilogue<T, CtaTile, EpilogueDescriptor>;
+
+  using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, CtaTile, Cluster, EpilogueTile, float, float,
+      void, cutlass::layout::RowMajor, kAlign,  // no C operand
+      T, cutlass::layout::RowMajor, kAlign, EpilogueSchedule, typename Tree::Y>::CollectiveOp;
+
+  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, cutlass::layout::RowMajor, kAlign, T,
+      cutlass::layout::ColumnMajor, kAlign, float, CtaTile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
+          sizeof(typename CollectiveEpilogue::SharedStorage))>,
+      MainloopSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
+                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+  using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+  using Arguments = typename Device::Arguments;
+
+  static Arguments arguments(const FusedLinearArgs& a, const typename Tree::Inputs& in, int sm_count, int device) {
+    const int m = int(a.m), n = int(a.n), k = int(a.k);
+    using StrideA = typename Kernel::StrideA;
+    using StrideB = typename Kernel::StrideB;
+    using StrideD = typename Kernel::StrideD;
+    cutlass::KernelHardwareInfo hw;
+    hw.device_id = device;
+    hw.sm_count = sm_count;
+    return Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
+                     {m, n, k, 1},
+                     {static_cast<const T*>(a.x), StrideA{a.k, _1{}, a.m * a.k}, static_cast<const T*>(a.w),
+                      StrideB{a.k, _1{}, a.n * a.k}},
+                     {Tree::arguments(in), nullptr, StrideD{a.n, _1{}, a.m * a.n}, static_cast<T*>(a.y),
+                      StrideD{a.n, _1{}, a.m * a.n}},
+                     hw};
+  }
+};
+
+// CUTLASS's element types for ours: same layouts, CUTLASS's conversions.
+template <class T>
+struct Cutlass;
+template <>
+struct Cutlass<float> {
+  using type = float;
+};
+template <>
+struct Cutlass<__half> {
+  using type = cutlass::half_t;
+};
+template <>
+struct Cutlass<__nv_bfloat16> {
+  using type = cutlass::bfloat16_t;
+};
+
+// ---------------------------------------------------------------------------------------------
+// BatchNorm kernels around the GEMM.
+
+// Eval: the per-feature fold y = u·f + d of (u − rm)·γ/sqrt(rv + eps) + β, and the statistics
+// output, which in eval mode is the running statistics (as the portable kernel writes them).
+// u·f + d cancels where |rm| ≫ the spread of u, but only by a few f32 ulps of |u·f|, below the
+// error that the GEMM's f32 accumulation already leaves in u.
+template <class T>
+__global__ void batch_norm_eval_fold_kernel(const FusedLinearArgs a) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t n = a.n;
+  if (c >= n) return;
+  const T* p = static_cast<const T*>(a.params);
+  const int64_t r = 1 + a.has_scale;  // gamma, beta, running_mean, running_var
+  const float mean = to_float(p[(r + 2) * n + c]), var = to_float(p[(r + 3) * n + c]);
+  const BatchNormFold fold = batch_norm_fold(mean, var, to_float(p[r * n + c]), to_float(p[(r + 1) * n + c]), a.eps);
+  a.workspace[c] = fold.factor;
+  a.workspace[n + c] = fold.beta - fold.mean * fold.factor;
+  a.stats[c] = mean;
+  a.stats[n + c] = var;
+}
+
+// Train: (mean, M2) of the stored u over each (row tile, column), in the layout that
+// batch_norm.cu's finalize kernel merges: workspace[tile·n + c] the means, then the M2s. Two
+// passes over the tile (the second hits L1/L2): exact enough that Chan's merge loses nothing.
+// A thread owns two neighbouring columns (one 2-element access per row; n is even) and strides
+// over the tile's rows with the other threads of its column pair.
+constexpr int STATS_PAIRS = 32, STATS_ROWS = 8;
+
+template <class T>
+struct Pair;
+template <>
+struct Pair<float> {
+  static __device__ __forceinline__ float2 load(const float* p) { return *reinterpret_cast<const float2*>(p); }
+};
+template <>
+struct Pair<__half> {
+  static __device__ __forceinline__ float2 load(const __half* p) {
+    return __half22float2(*reinterpret_cast<const __half2*>(p));
+  }
+};
+template <>
+struct Pair<__nv_bfloat16> {
+  static __device__ __forceinline__ float2 load(const __nv_bfloat16* p) {
+    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
+  }
+};
+
+// Sums `v` over the STATS_ROWS threads of each column pair; every thread gets the total.
+__device__ __forceinline__ float2 column_pair_sum(float2 v, float2 (*red)[STATS_PAIRS]) {
+  red[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  float2 s = make_float2(0.f, 0.f);
+#pragma unroll
+  for (int i = 0; i < STATS_ROWS; ++i) {
+    s.x += red[i][threadIdx.x].x;
+    s.y += red[i][threadIdx.x].y;
+  }
+  __syncthreads();
+  return s;
+}
+
+template <class T>
+__global__ void __launch_bounds__(STATS_PAIRS* STATS_ROWS)
+    batch_norm_partials_kernel(const FusedLinearArgs a, int64_t row_tile) {
+  __shared__ float2 red[STATS_ROWS][STATS_PAIRS];
+  const int64_t m = a.m, n = a.n;
+  const int64_t c = (int64_t(blockIdx.x) * STATS_PAIRS + threadIdx.x) * 2;
+  const int64_t row0 = int64_t(blockIdx.y) * row_tile, row_end = min(m, row0 + row_tile);
+  const T* y = static_cast<const T*>(a.y);
+  const bool inside = c < n;
+
+  float2 s = make_float2(0.f, 0.f);
+  if (inside) {
+    for (int64_t r = row0 + threadIdx.y; r < row_end; r += STATS_ROWS) {
+      const float2 u = Pair<T>::load(y + r * n + c);
+      s.x += u.x;
+      s.y += u.y;
+    }
+  }
+  s = column_pair_sum(s, red);
+  const float count = float(row_end - row0);
+  const float2 mean = make_float2(s.x / count, s.y / count);
+
+  float2 q = make_float2(0.f, 0.f);
+  if (inside) {
+    for (int64_t r = row0 + threadIdx.y; r < row_end; r += STATS_ROWS) {
+      const float2 u = Pair<T>::load(y + r * n + c);
+      const float dx = u.x - mean.x, dy = u.y - mean.y;
+      q.x += dx * dx;
+      q.y += dy * dy;
+    }
+  }
+  q = column_pair_sum(q, red);
+  if (inside && threadIdx.y == 0) {
+    float* ws_mean = a.workspace + int64_t(blockIdx.y) * n;
+    float* ws_m2 = a.workspace + (int64_t(gridDim.y) + blockIdx.y) * n;
+    ws_mean[c] = mean.x;
+    ws_mean[c + 1] = mean.y;
+    ws_m2[c] = q.x;
+    ws_m2[c + 1] = q.y;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dispatch.
+
+// Per device: whether it is sm_90 and runs this file's sm_90a code (a build for other targets
+// only would hand it a stub), and its SM count. Looked up once, then read without a lock: racing
+// first calls compute the same values.
+struct DeviceInfo {
+  std::atomic<int> state{0};  // 0 unknown, 1 usable, -1 not
+  std::atomic<int> sm_count{0};
+};
+constexpr int MAX_DEVICES = 64;
+static DeviceInfo device_info[MAX_DEVICES];
+
+bool usable_device(int* device, int* sm_count) {
+  if (cudaGetDevice(device) != cudaSuccess || *device < 0 || *device >= MAX_DEVICES) {
+    cudaGetLastError();
+    return false;
+  }
+  DeviceInfo& info = device_info[*device];
+  int state = info.state.load(std::memory_order_acquire);
+  if (state == 0) {
+    int major = 0, minor = 0, sms = 0;
+    cudaFuncAttributes attr{};
+    const bool ok = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, *device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, *device) == cudaSuccess &&
+                    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, *device) == cudaSuccess &&
+                    cudaFuncGetAttributes(&attr, batch_norm_eval_fold_kernel<float>) == cudaSuccess;
+    if (!ok) cudaGetLastError();  // a failed query only means "not taken"
+    state = ok && major == 9 && minor == 0 && attr.binaryVersion == 90 && sms > 0 ? 1 : -1;
+    info.sm_count.store(sms, std::memory_order_relaxed);
+    info.state.store(state, std::memory_order_release);
+  }
+  *sm_count = info.sm_count.load(std::memory_order_relaxed);
+  return state == 1;
+}
+
+bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+
+// The checks that need no device: element type, shape, alignment, epilogue.
+bool takes_problem(const FusedLinearArgs& a) {
+  const bool element = a.dtype == FUSED_BF16 || a.dtype == FUSED_F16 || (a.dtype == FUSED_F32 && a.tf32 == 1);
+  const bool shape = a.m >= 1 && a.n >= 8 && a.k >= 8 && a.n % 8 == 0 && a.k % 8 == 0 && a.m <= INT32_MAX &&
+                     a.n <= INT32_MAX && a.k <= INT32_MAX;
+  const bool aligned = aligned16(a.x) && aligned16(a.w) && aligned16(a.y) && aligned16(a.z);
+  const bool epilogue = a.activation >= ACT_IDENTITY && a.activation <= ACT_TANH && a.params != nullptr;
+  const bool batch_norm = a.batch_norm == FUSED_BN_NONE ||
+                          (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
+                          (a.batch_norm == FUSED_BN_TRAIN && a.stats != nullptr && a.workspace != nullptr);
+  return element && shape && aligned && epilogue && batch_norm;
+}
+
+// Builds and launches the GEMM (after the eval fold, when there is one). Returns false, having
+// launched nothing, if CUTLASS does not take the arguments.
+template <class T, class Config>
+bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
+  using G = Gemm<typename Cutlass<T>::type, Config>;
+  using E = typename G::Element;
+  const T* params = static_cast<const T*>(a.params);
+  const bool eval = a.batch_norm == FUSED_BN_EVAL;
+  const typename G::Tree::Inputs in{reinterpret_cast<const E*>(params),
+                                    a.has_scale ? reinterpret_cast<const E*>(params + a.n) : nullptr,
+                                    static_cast<E*>(a.z),
+                                    eval ? a.workspace : nullptr,
+                                    eval ? a.workspace + a.n : nullptr,
+                                    PointwiseArguments{a.activation, a.has_scale ? 1.f : a.scale, a.residual != 0},
+                                    a.m,
+                                    a.n};
+  const typename G::Arguments args = G::arguments(a, in, sm_count, device);
+  typename G::Device gemm;
+  // Every piece of this GEMM runs without workspace; one that asked for some is not ours.
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess || G::Device::get_workspace_size(args) != 0) {
+    return false;
+  }
+  *status = [&]() -> cudaError_t {
+    if (eval) {
+      batch_norm_eval_fold_kernel<T><<<unsigned(ceil_div(a.n, 256)), 256, 0, stream>>>(a);
+      FUSED_TRY(cudaGetLastError());
+    }
+    if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) {
+      const cudaError_t e = cudaGetLastError();
+      return e != cudaSuccess ? e : cudaErrorInvalidValue;
+    }
+    if (gemm.run(stream) != cutlass::Status::kSuccess) {
+      const cudaError_t e = cudaGetLastError();
+      return e != cudaSuccess ? e : cudaErrorLaunchFailure;
+    }
+    FUSED_TRY(cudaGetLastError());
+    if (a.batch_norm == FUSED_BN_TRAIN) {
+      const int64_t row_tile = linear_row_tile(a.dtype);
+      const dim3 grid(unsigned(ceil_div(a.n, 2 * STATS_PAIRS)), unsigned(ceil_div(a.m, row_tile)));
+      batch_norm_partials_kernel<T><<<grid, dim3(STATS_PAIRS, STATS_ROWS), 0, stream>>>(a, row_tile);
+      FUSED_TRY(cudaGetLastError());
+      FUSED_TRY(batch_norm_train_finalize(a, row_tile, stream));
+    }
+    return cudaSuccess;
+  }();
+  return true;
+}
+
+template <class T>
+bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
+  return a.m <= NARROW_BATCH_ROWS ? run_config<T, NarrowBatch<T>>(a, device, sm_count, stream, status)
+                                  : run_config<T, WideBatch>(a, device, sm_count, stream, status);
+}
+
+}  // namespace sm90
+
+bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaError_t* status) {
+  int device = 0, sm_count = 0;
+  if (!sm90::takes_problem(a) || !sm90::usable_device(&device, &sm_count)) return false;
+  switch (a.dtype) {
+    case FUSED_F32: return sm90::run<float>(a, device, sm_count, stream, status);
+    case FUSED_F16: return sm90::run<__half>(a, device, sm_count, stream, status);
+    case FUSED_BF16: return sm90::run<__nv_bfloat16>(a, device, sm_count, stream, status);
+    default: return false;
+  }
+}
+
+int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
+  return a.batch_norm == FUSED_BN_EVAL ? 2 * a.n : 0;
+}
+
+}  // namespace fused
+
+#else  // !FUSED_SM90: built without the sm_90a target (or CUTLASS); the portable path runs.
+
+namespace fused {
+
+bool linear_forward_sm90(const FusedLinearArgs&, cudaStream_t, cudaError_t*) { return false; }
+
+int64_t linear_sm90_workspace_floats(const FusedLinearArgs&) { return 0; }
+
+}  // namespace fused
+
+#endif

@@ -1,0 +1,22 @@
+// The Hopper (sm_90a) fast path of the fused linear forward; see linear_sm90.cu.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+#include "fused_linear.h"
+
+namespace fused {
+
+// Runs the whole forward of `args` (the GEMM with its epilogue, and the BatchNorm kernels) on
+// `stream` and returns true, with *status set to the first CUDA error met (cudaSuccess
+// otherwise); or returns false, having launched nothing, when it does not take the problem, in
+// which case the caller runs the portable kernel.
+bool linear_forward_sm90(const FusedLinearArgs& args, cudaStream_t stream, cudaError_t* status);
+
+// Floats of `args.workspace` that the fast path needs: 2n for an eval-mode BatchNorm (its folded
+// per-feature factor and shift), 0 otherwise. A training BatchNorm uses the portable path's own
+// partial-statistics layout, so it needs nothing beyond fused_linear_workspace_floats().
+int64_t linear_sm90_workspace_floats(const FusedLinearArgs& args);
+
+}  // namespace fused

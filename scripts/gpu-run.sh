@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# On the GPU machine, from the repository root, with the binaries of scripts/gpu-pack.sh in
+# .gpu/ (and the PyTorch peers script in .gpu/peers/ for the benchmark): GPU tests, the
+# compute-sanitizer runs, every shipped model through `run --device cuda` in every dtype, and
+# the benchmark next to PyTorch. Logs and results go to $OUT (default ./gpu-out).
+#
+#   scripts/gpu-run.sh [tests] [sanitizer] [models] [bench]     (default: all four)
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+for f in .gpu/*.xz; do [ -e "$f" ] && xz -d -f "$f"; done
+chmod +x .gpu/gpu_tests .gpu/run .gpu/train .gpu/bench 2>/dev/null
+steps=${*:-tests sanitizer models bench}
+status=0
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+
+for step in $steps; do
+  case $step in
+  tests)
+    echo "== GPU tests"
+    .gpu/gpu_tests --test-threads=1 --nocapture 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "^test |result|error vs|panicked" || status=1
+    grep -q "test result: ok" "$OUT/gpu_tests.log" || status=1
+    ;;
+  sanitizer)
+    # The reference-size tests are left out: at those sizes the tools run for hours.
+    for tool in memcheck racecheck; do
+      echo "== compute-sanitizer $tool"
+      timeout "${SANITIZER_TIMEOUT:-240}" compute-sanitizer --tool $tool --error-exitcode 9 .gpu/gpu_tests --test-threads=1 \
+        --skip reference_sizes --skip exact_f32 >"$OUT/sanitizer_$tool.log" 2>&1
+      rc=$?
+      tail -n 3 "$OUT/sanitizer_$tool.log"
+      [ $rc -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; status=1; }
+    done
+    ;;
+  models)
+    echo "== shipped models through run --device cuda"
+    for model in models/*/; do
+      for dtype in f32 f16 bf16; do
+        for mode in "" --train; do
+          .gpu/run "$model" --device cuda --dtype "$dtype" $mode >>"$OUT/models.log" 2>&1 \
+            && echo "ok   $model $dtype $mode" || { echo "FAIL $model $dtype $mode"; status=1; }
+        done
+      done
+      .gpu/run "$model" --device cuda --precision tf32 >>"$OUT/models.log" 2>&1 \
+        && echo "ok   $model tf32" || { echo "FAIL $model tf32"; status=1; }
+    done
+    ;;
+  bench)
+    echo "== benchmark"
+    .gpu/bench --train --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    if [ -f .gpu/peers/peers.py ]; then
+      (cd .gpu/peers && python3 peers.py --compile --train --json "$OUT/peers.json") 2>&1 | tee "$OUT/peers.log"
+      python3 scripts/bench_report.py "$OUT/bench.json" "$OUT/peers.json" --svg "$OUT/bench.svg" | tee "$OUT/report.md"
+    fi
+    ;;
+  *) echo "unknown step $step"; status=1 ;;
+  esac
+done
+exit $status

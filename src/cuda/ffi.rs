@@ -1,0 +1,110 @@
+//! The C interface of `cuda-kernels/` (`fused_linear.h`), built and linked by `build.rs`.
+
+use std::ffi::{c_char, c_int, c_void};
+
+/// `FusedDType`: the element type of the operands.
+pub(crate) const DTYPE_F32: i32 = 0;
+/// `FusedDType`: f16 operands.
+pub(crate) const DTYPE_F16: i32 = 1;
+/// `FusedDType`: bf16 operands.
+pub(crate) const DTYPE_BF16: i32 = 2;
+
+/// `FusedBatchNorm`: no BatchNorm after the epilogue.
+pub(crate) const BN_NONE: i32 = 0;
+/// `FusedBatchNorm`: BatchNorm with the running statistics.
+pub(crate) const BN_EVAL: i32 = 1;
+/// `FusedBatchNorm`: BatchNorm with the batch statistics.
+pub(crate) const BN_TRAIN: i32 = 2;
+
+/// `FusedLinearArgs`: the operands of `fused_linear_forward`, device pointers included.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct FusedLinearArgs {
+    /// `x` (m, k).
+    pub x: *const c_void,
+    /// `w` (n, k).
+    pub w: *const c_void,
+    /// The parameter table (rows, n).
+    pub params: *const c_void,
+    /// The output (m, n).
+    pub y: *mut c_void,
+    /// The pre-activation (m, n), or null.
+    pub z: *mut c_void,
+    /// BatchNorm train: `fused_linear_workspace_floats` floats; null otherwise.
+    pub workspace: *mut f32,
+    /// BatchNorm: the (2, n) f32 statistics; null otherwise.
+    pub stats: *mut f32,
+    /// Rows of `x`.
+    pub m: i64,
+    /// Rows of `w`.
+    pub n: i64,
+    /// The reduction length.
+    pub k: i64,
+    /// A `DTYPE_*` constant.
+    pub dtype: i32,
+    /// f32 only: 1 for plain TF32, 0 for 3xTF32.
+    pub tf32: i32,
+    /// `Activation::code()`.
+    pub activation: i32,
+    /// Whether params row 1 is a per-feature scale.
+    pub has_scale: i32,
+    /// Whether z is added back.
+    pub residual: i32,
+    /// A `BN_*` constant.
+    pub batch_norm: i32,
+    /// The scalar factor.
+    pub scale: f32,
+    /// BatchNorm epsilon.
+    pub eps: f32,
+}
+
+/// `FusedBackwardArgs`: the operands of `fused_backward`.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct FusedBackwardArgs {
+    /// The gradient of y (m, n).
+    pub g: *const c_void,
+    /// The pre-activation (m, n), or null when the epilogue does not need it.
+    pub z: *const c_void,
+    /// The parameter table (rows, n).
+    pub params: *const c_void,
+    /// BatchNorm: the (2, n) f32 statistics of the forward; null otherwise.
+    pub stats: *const f32,
+    /// The gradient of z (m, n).
+    pub dz: *mut c_void,
+    /// The gradient of the parameter table (rows, n).
+    pub dparams: *mut c_void,
+    /// `fused_backward_workspace_floats` floats.
+    pub workspace: *mut f32,
+    /// Rows.
+    pub m: i64,
+    /// Columns.
+    pub n: i64,
+    /// A `DTYPE_*` constant.
+    pub dtype: i32,
+    /// `Activation::code()`.
+    pub activation: i32,
+    /// Whether params row 1 is a per-feature scale.
+    pub has_scale: i32,
+    /// Whether z was added back.
+    pub residual: i32,
+    /// A `BN_*` constant.
+    pub batch_norm: i32,
+    /// The scalar factor.
+    pub scale: f32,
+    /// BatchNorm epsilon.
+    pub eps: f32,
+}
+
+extern "C" {
+    /// Floats of workspace that `fused_linear_forward` needs.
+    pub(crate) fn fused_linear_workspace_floats(args: *const FusedLinearArgs) -> i64;
+    /// The fused forward on `stream`; returns a `cudaError_t`.
+    pub(crate) fn fused_linear_forward(args: *const FusedLinearArgs, stream: *mut c_void) -> c_int;
+    /// Floats of workspace that `fused_backward` needs.
+    pub(crate) fn fused_backward_workspace_floats(args: *const FusedBackwardArgs) -> i64;
+    /// The epilogue (and BatchNorm) backward on `stream`; returns a `cudaError_t`.
+    pub(crate) fn fused_backward(args: *const FusedBackwardArgs, stream: *mut c_void) -> c_int;
+    /// The CUDA runtime's description of an error code.
+    pub(crate) fn cudaGetErrorString(error: c_int) -> *const c_char;
+}

@@ -1,0 +1,407 @@
+//! The GPU half of the fused ops: a thin safe layer over the kernels of `cuda-kernels/`.
+//!
+//! Every function checks dtypes and extents, allocates its outputs (and any workspace) through
+//! candle's allocator on the operands' device, and enqueues the kernels on candle's stream, so
+//! that they are ordered with the rest of the graph: no synchronisation, no host round trip.
+//! A failed launch comes back as a [`candle_core::Error`] naming the kernel and CUDA's message.
+
+mod ffi;
+
+use std::ffi::{c_int, c_void, CStr};
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda::cudarc::driver::{
+    CudaSlice, CudaStream, DevicePtr, DevicePtrMut, SyncOnDrop,
+};
+use candle_core::cuda::CudaStorageSlice;
+use candle_core::{bail, CudaDevice, CudaStorage, DType, Result};
+
+use crate::epilogue::Epilogue;
+use crate::ops::Precision;
+
+/// A fused linear problem on the GPU: contiguous operands, element offsets into their storage.
+pub(crate) struct LinearProblem<'a> {
+    /// `x` (m, k) and its offset in elements.
+    pub x: (&'a CudaStorage, usize),
+    /// `w` (n, k) and its offset in elements.
+    pub w: (&'a CudaStorage, usize),
+    /// The parameter table (rows, n) and its offset in elements.
+    pub params: (&'a CudaStorage, usize),
+    /// Rows of `x`.
+    pub m: usize,
+    /// Rows of `w` (output features).
+    pub n: usize,
+    /// Input features.
+    pub k: usize,
+    /// What follows the product.
+    pub epilogue: Epilogue,
+    /// How f32 products are computed (ignored for f16/bf16).
+    pub precision: Precision,
+}
+
+/// y (m,n) and, if `keep_preactivation`, z (m,n).
+pub(crate) fn linear_forward(
+    p: &LinearProblem,
+    keep_preactivation: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>)> {
+    let params_rows = 1 + p.epilogue.has_scale_param() as usize;
+    let (y, z, _) = forward(p, params_rows, None, keep_preactivation)?;
+    Ok((y, z))
+}
+
+/// y, optional z, and stats (2, n) f32: [mean, biased var] (batch stats in train; in eval, the
+/// running stats converted to f32).
+pub(crate) fn linear_batch_norm_forward(
+    p: &LinearProblem,
+    eps: f64,
+    train: bool,
+    keep_preactivation: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>, CudaStorage)> {
+    let params_rows = batch_norm_rows(&p.epilogue, train);
+    let (y, z, stats) = forward(p, params_rows, Some((eps, train)), keep_preactivation)?;
+    match stats {
+        Some(stats) => Ok((y, z, stats)),
+        None => bail!("fused_linear_batch_norm: the forward produced no statistics"),
+    }
+}
+
+/// (dz, dparams)
+pub(crate) fn epilogue_backward(
+    g: (&CudaStorage, usize),
+    z: Option<(&CudaStorage, usize)>,
+    params: (&CudaStorage, usize),
+    m: usize,
+    n: usize,
+    epilogue: Epilogue,
+) -> Result<(CudaStorage, CudaStorage)> {
+    if z.is_none() && epilogue.backward_needs_preactivation() {
+        bail!("fused_linear backward: the epilogue {epilogue:?} needs the pre-activation z");
+    }
+    let rows = 1 + epilogue.has_scale_param() as usize;
+    backward(g, z, params, None, m, n, rows, epilogue)
+}
+
+/// (dz, dparams)
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn batch_norm_backward(
+    g: (&CudaStorage, usize),
+    z: (&CudaStorage, usize),
+    params: (&CudaStorage, usize),
+    stats: (&CudaStorage, usize),
+    m: usize,
+    n: usize,
+    epilogue: Epilogue,
+    eps: f64,
+    train: bool,
+) -> Result<(CudaStorage, CudaStorage)> {
+    let rows = batch_norm_rows(&epilogue, train);
+    backward(
+        g,
+        Some(z),
+        params,
+        Some((stats, eps, train)),
+        m,
+        n,
+        rows,
+        epilogue,
+    )
+}
+
+/// Rows of the BatchNorm op's parameter table: bias, [scale], gamma, beta, and in eval mode
+/// running_mean, running_var.
+fn batch_norm_rows(epilogue: &Epilogue, train: bool) -> usize {
+    1 + epilogue.has_scale_param() as usize + if train { 2 } else { 4 }
+}
+
+/// The forward, with `batch_norm = Some((eps, train))` for the BatchNorm op.
+fn forward(
+    p: &LinearProblem,
+    params_rows: usize,
+    batch_norm: Option<(f64, bool)>,
+    keep_preactivation: bool,
+) -> Result<(CudaStorage, Option<CudaStorage>, Option<CudaStorage>)> {
+    const OP: &str = "fused_linear forward";
+    let (m, n, k) = (p.m, p.n, p.k);
+    if m == 0 || n == 0 || k == 0 {
+        bail!("{OP}: every dimension must be at least 1, got m={m} n={n} k={k}");
+    }
+    let dtype = operand_dtype(OP, &[("x", p.x.0), ("w", p.w.0), ("params", p.params.0)])?;
+    let dev = p.x.0.device().clone();
+    let stream = dev.cuda_stream();
+    let mut y = alloc(&dev, dtype, m * n)?;
+    let mut z = match keep_preactivation {
+        true => Some(alloc(&dev, dtype, m * n)?),
+        false => None,
+    };
+    let mut stats = match batch_norm {
+        Some(_) => Some(CudaStorage::wrap_cuda_slice(
+            // SAFETY: the kernels write every element before anything reads it.
+            unsafe { dev.alloc::<f32>(2 * n)? },
+            dev.clone(),
+        )),
+        None => None,
+    };
+    let mut args = ffi::FusedLinearArgs {
+        x: std::ptr::null(),
+        w: std::ptr::null(),
+        params: std::ptr::null(),
+        y: std::ptr::null_mut(),
+        z: std::ptr::null_mut(),
+        workspace: std::ptr::null_mut(),
+        stats: std::ptr::null_mut(),
+        m: m as i64,
+        n: n as i64,
+        k: k as i64,
+        dtype: ffi_dtype(dtype)?,
+        tf32: (p.precision == Precision::Tf32) as i32,
+        activation: p.epilogue.activation.code() as i32,
+        has_scale: p.epilogue.has_scale_param() as i32,
+        residual: p.epilogue.residual as i32,
+        batch_norm: match batch_norm {
+            None => ffi::BN_NONE,
+            Some((_, false)) => ffi::BN_EVAL,
+            Some((_, true)) => ffi::BN_TRAIN,
+        },
+        scale: p.epilogue.scalar_scale() as f32,
+        eps: batch_norm.map_or(0.0, |(eps, _)| eps as f32),
+    };
+    // SAFETY: the function only reads the plain fields of `args`.
+    let workspace_len =
+        usize::try_from(unsafe { ffi::fused_linear_workspace_floats(&args) }).unwrap_or(0);
+    let mut workspace = match workspace_len {
+        0 => None,
+        // SAFETY: the GEMM kernel writes every partial before the finalize kernel reads it.
+        len => Some(unsafe { dev.alloc::<f32>(len)? }),
+    };
+    {
+        bind(&stream, OP)?;
+        let (x, _gx) = input_ptr(p.x.0, p.x.1, m * k, &stream, "x")?;
+        let (w, _gw) = input_ptr(p.w.0, p.w.1, n * k, &stream, "w")?;
+        let (params, _gp) = input_ptr(p.params.0, p.params.1, params_rows * n, &stream, "params")?;
+        let (yp, _gy) = output_ptr(&mut y, &stream)?;
+        let zp = z.as_mut().map(|z| output_ptr(z, &stream)).transpose()?;
+        let sp = stats.as_mut().map(|s| output_ptr(s, &stream)).transpose()?;
+        let wsp = workspace.as_mut().map(|ws| ws.device_ptr_mut(&stream));
+        args.x = x;
+        args.w = w;
+        args.params = params;
+        args.y = yp;
+        args.z = zp.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p);
+        args.stats = sp
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
+        args.workspace = wsp
+            .as_ref()
+            .map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
+        // SAFETY: every pointer is a live device allocation of the extent checked above, and
+        // the guards keep candle's stream ordering for them until the launch is enqueued.
+        check(
+            unsafe { ffi::fused_linear_forward(&args, stream.cu_stream() as *mut c_void) },
+            "fused_linear_forward",
+        )?;
+    }
+    Ok((y, z, stats))
+}
+
+/// The backward, with `batch_norm = Some((stats, eps, train))` for the BatchNorm op.
+#[allow(clippy::too_many_arguments)]
+fn backward(
+    g: (&CudaStorage, usize),
+    z: Option<(&CudaStorage, usize)>,
+    params: (&CudaStorage, usize),
+    batch_norm: Option<((&CudaStorage, usize), f64, bool)>,
+    m: usize,
+    n: usize,
+    params_rows: usize,
+    epilogue: Epilogue,
+) -> Result<(CudaStorage, CudaStorage)> {
+    const OP: &str = "fused_linear backward";
+    if m == 0 || n == 0 {
+        bail!("{OP}: every dimension must be at least 1, got m={m} n={n}");
+    }
+    let mut operands = vec![("grad", g.0), ("params", params.0)];
+    if let Some(z) = z {
+        operands.push(("z", z.0));
+    }
+    let dtype = operand_dtype(OP, &operands)?;
+    if let Some(((stats, _), _, _)) = batch_norm {
+        if stats.dtype() != DType::F32 {
+            bail!(
+                "{OP}: the BatchNorm statistics must be f32, got {:?}",
+                stats.dtype()
+            );
+        }
+    }
+    let dev = g.0.device().clone();
+    let stream = dev.cuda_stream();
+    let mut dz = alloc(&dev, dtype, m * n)?;
+    let mut dparams = alloc(&dev, dtype, params_rows * n)?;
+    let mut args = ffi::FusedBackwardArgs {
+        g: std::ptr::null(),
+        z: std::ptr::null(),
+        params: std::ptr::null(),
+        stats: std::ptr::null(),
+        dz: std::ptr::null_mut(),
+        dparams: std::ptr::null_mut(),
+        workspace: std::ptr::null_mut(),
+        m: m as i64,
+        n: n as i64,
+        dtype: ffi_dtype(dtype)?,
+        activation: epilogue.activation.code() as i32,
+        has_scale: epilogue.has_scale_param() as i32,
+        residual: epilogue.residual as i32,
+        batch_norm: match batch_norm {
+            None => ffi::BN_NONE,
+            Some((_, _, false)) => ffi::BN_EVAL,
+            Some((_, _, true)) => ffi::BN_TRAIN,
+        },
+        scale: epilogue.scalar_scale() as f32,
+        eps: batch_norm.map_or(0.0, |(_, eps, _)| eps as f32),
+    };
+    // SAFETY: the function only reads the plain fields of `args`.
+    let workspace_len =
+        usize::try_from(unsafe { ffi::fused_backward_workspace_floats(&args) }).unwrap_or(0);
+    // SAFETY: the kernels write every partial sum before reading it.
+    let mut workspace = unsafe { dev.alloc::<f32>(workspace_len.max(1))? };
+    {
+        bind(&stream, OP)?;
+        let (gp, _gg) = input_ptr(g.0, g.1, m * n, &stream, "grad")?;
+        let zp = z
+            .map(|(s, o)| input_ptr(s, o, m * n, &stream, "z"))
+            .transpose()?;
+        let (pp, _gp) = input_ptr(params.0, params.1, params_rows * n, &stream, "params")?;
+        let sp = batch_norm
+            .map(|((s, o), _, _)| input_ptr(s, o, 2 * n, &stream, "stats"))
+            .transpose()?;
+        let (dzp, _gdz) = output_ptr(&mut dz, &stream)?;
+        let (dpp, _gdp) = output_ptr(&mut dparams, &stream)?;
+        let (wsp, _gws) = workspace.device_ptr_mut(&stream);
+        args.g = gp;
+        args.z = zp.as_ref().map_or(std::ptr::null(), |(p, _)| *p);
+        args.params = pp;
+        args.stats = sp
+            .as_ref()
+            .map_or(std::ptr::null(), |(p, _)| *p as *const f32);
+        args.dz = dzp;
+        args.dparams = dpp;
+        args.workspace = wsp as *mut f32;
+        // SAFETY: as in `forward`.
+        check(
+            unsafe { ffi::fused_backward(&args, stream.cu_stream() as *mut c_void) },
+            "fused_backward",
+        )?;
+    }
+    Ok((dz, dparams))
+}
+
+/// The common dtype of the operands, which must be f32, f16 or bf16.
+fn operand_dtype(op: &str, operands: &[(&str, &CudaStorage)]) -> Result<DType> {
+    let dtype = operands[0].1.dtype();
+    for (name, storage) in operands {
+        if storage.dtype() != dtype {
+            bail!(
+                "{op}: {name} is {:?} but {} is {dtype:?}; all operands must share one dtype",
+                storage.dtype(),
+                operands[0].0
+            );
+        }
+    }
+    match dtype {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(dtype),
+        DType::F64 => bail!("{op}: f64 is CPU-only; use f32, f16 or bf16 on CUDA"),
+        other => bail!("{op}: unsupported dtype {other:?}; expected f32, f16 or bf16"),
+    }
+}
+
+fn ffi_dtype(dtype: DType) -> Result<i32> {
+    match dtype {
+        DType::F32 => Ok(ffi::DTYPE_F32),
+        DType::F16 => Ok(ffi::DTYPE_F16),
+        DType::BF16 => Ok(ffi::DTYPE_BF16),
+        other => bail!("fused_linear: unsupported dtype {other:?} on CUDA"),
+    }
+}
+
+/// An uninitialised buffer of `len` elements; the kernels write all of it.
+fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
+    // SAFETY: every element is written by the kernels before it is read.
+    let storage = unsafe {
+        match dtype {
+            DType::F32 => CudaStorage::wrap_cuda_slice(dev.alloc::<f32>(len)?, dev.clone()),
+            DType::F16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::f16>(len)?, dev.clone()),
+            DType::BF16 => CudaStorage::wrap_cuda_slice(dev.alloc::<half::bf16>(len)?, dev.clone()),
+            other => bail!("fused_linear: unsupported dtype {other:?} on CUDA"),
+        }
+    };
+    Ok(storage)
+}
+
+/// Makes the device's context current on this thread, for the runtime API.
+fn bind(stream: &CudaStream, op: &str) -> Result<()> {
+    stream.context().bind_to_thread().map_err(|e| {
+        candle_core::Error::Cuda(format!("{op}: binding the CUDA context: {e:?}").into())
+    })
+}
+
+/// The device address of elements `[offset, offset + len)` of `s`, checked against its extent,
+/// with the guard that orders the read on `stream`.
+fn input_ptr<'a>(
+    s: &'a CudaStorage,
+    offset: usize,
+    len: usize,
+    stream: &'a CudaStream,
+    name: &str,
+) -> Result<(*const c_void, SyncOnDrop<'a>)> {
+    fn of<'a, T>(
+        slice: &'a CudaSlice<T>,
+        offset: usize,
+        len: usize,
+        stream: &'a CudaStream,
+        name: &str,
+    ) -> Result<(*const c_void, SyncOnDrop<'a>)> {
+        if offset.checked_add(len).is_none_or(|end| end > slice.len()) {
+            bail!(
+                "fused_linear: {name} needs elements [{offset}, {offset} + {len}) but its storage holds {}",
+                slice.len()
+            );
+        }
+        let (ptr, guard) = slice.device_ptr(stream);
+        let addr = ptr + (offset * std::mem::size_of::<T>()) as u64;
+        Ok((addr as *const c_void, guard))
+    }
+    match &s.slice {
+        CudaStorageSlice::F32(v) => of(v, offset, len, stream, name),
+        CudaStorageSlice::F16(v) => of(v, offset, len, stream, name),
+        CudaStorageSlice::BF16(v) => of(v, offset, len, stream, name),
+        _ => bail!(
+            "fused_linear: {name} has unsupported dtype {:?} on CUDA",
+            s.dtype()
+        ),
+    }
+}
+
+/// The device address of a whole output buffer, with the guard that orders the write.
+fn output_ptr<'a>(
+    s: &'a mut CudaStorage,
+    stream: &'a CudaStream,
+) -> Result<(*mut c_void, SyncOnDrop<'a>)> {
+    let (ptr, guard) = match &mut s.slice {
+        CudaStorageSlice::F32(v) => v.device_ptr_mut(stream),
+        CudaStorageSlice::F16(v) => v.device_ptr_mut(stream),
+        CudaStorageSlice::BF16(v) => v.device_ptr_mut(stream),
+        _ => bail!("fused_linear: unsupported output dtype on CUDA"),
+    };
+    Ok((ptr as *mut c_void, guard))
+}
+
+/// Turns a `cudaError_t` into an error naming the kernel and CUDA's description.
+fn check(code: c_int, kernel: &str) -> Result<()> {
+    if code == 0 {
+        return Ok(());
+    }
+    // SAFETY: cudaGetErrorString returns a static NUL-terminated string for any code.
+    let message = unsafe { CStr::from_ptr(ffi::cudaGetErrorString(code)) }.to_string_lossy();
+    Err(candle_core::Error::Cuda(
+        format!("candle-fused {kernel}: CUDA error {code}: {message}").into(),
+    ))
+}
