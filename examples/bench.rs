@@ -267,6 +267,8 @@ fn mode_settings(mode: &str) -> Result<(DType, Precision)> {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let device = &args.device;
+    // Both implementations reuse freed device memory, as PyTorch does.
+    candle_fused::keep_freed_device_memory(device)?;
     let (bandwidth, rates) = ceilings(device, &args.modes)?;
     println!(
         "device {}, copy {:.0} GB/s, matmul {}",

@@ -123,6 +123,7 @@ fn progress(step: usize, steps: usize, loss: f32, start: Instant) {
 
 fn run() -> Result<()> {
     let args = parse_args()?;
+    candle_fused::keep_freed_device_memory(&args.device)?;
     let checkpoint = Checkpoint::open(&args.model)?;
     let config = checkpoint.config.clone();
     let varmap = checkpoint.var_map(args.dtype, &args.device)?;

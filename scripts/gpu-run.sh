@@ -2,7 +2,8 @@
 # On the GPU machine, from the repository root, with the binaries of scripts/gpu-pack.sh in
 # .gpu/ (and the PyTorch peers script in .gpu/peers/ for the benchmark): GPU tests, the
 # compute-sanitizer runs, every shipped model through `run --device cuda` in every dtype, and
-# the benchmark next to PyTorch. Logs and results go to $OUT (default ./gpu-out).
+# the benchmark next to PyTorch. Logs and results (at most eight files) go to $OUT (default
+# ./gpu-out); the benchmark tables go to standard output.
 #
 #   scripts/gpu-run.sh [tests] [sanitizer] [models] [bench]     (default: all four)
 set -uo pipefail
@@ -13,7 +14,7 @@ for f in .gpu/*.xz; do [ -e "$f" ] && xz -d -f "$f"; done
 chmod +x .gpu/gpu_tests .gpu/run .gpu/train .gpu/bench 2>/dev/null
 steps=${*:-tests sanitizer models bench}
 status=0
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/device.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
 
 for step in $steps; do
   case $step in
@@ -48,9 +49,9 @@ for step in $steps; do
     ;;
   bench)
     echo "== benchmark"
-    .gpu/bench --train --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+    .gpu/bench --train --json "$OUT/bench.json" 2>&1
     if [ -f .gpu/peers/peers.py ]; then
-      (cd .gpu/peers && python3 peers.py --compile --train --json "$OUT/peers.json") 2>&1 | tee "$OUT/peers.log"
+      (cd .gpu/peers && python3 peers.py --compile --train --json "$OUT/peers.json") 2>&1 | grep -v Warn
       python3 scripts/bench_report.py "$OUT/bench.json" "$OUT/peers.json" --svg "$OUT/bench.svg" | tee "$OUT/report.md"
     fi
     ;;

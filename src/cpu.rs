@@ -9,6 +9,7 @@ use crate::epilogue::Epilogue;
 use crate::ops::ParamRows;
 use candle_core::backend::BackendStorage;
 use candle_core::{bail, CpuStorage, DType, Device, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
 use std::borrow::Cow;
 
 /// A float type the CPU path computes in.
@@ -91,21 +92,40 @@ impl Accum for f64 {
     }
 }
 
-/// `z = bias + x·Wᵀ` for `x` (m, k), `w` (n, k) and `bias` (n), row-major, into a new (m, n).
-pub(crate) fn linear<A: Accum>(
-    x: &[A],
-    w: &[A],
-    bias: &[A],
-    m: usize,
-    n: usize,
-    k: usize,
-) -> Vec<A> {
-    let mut z: Vec<A> = Vec::with_capacity(m * n);
-    for _ in 0..m {
-        z.extend_from_slice(bias);
+/// The fused linear layer: `y = epilogue(z)` with `z = x·Wᵀ + bias` for `x` (m, k) and `w`
+/// (n, k), row-major; the bias is row 0 of `params`. The product goes into one buffer and a
+/// single pass adds the bias and applies the epilogue, in place unless `keep_z` asks for `z`
+/// too (then returned second).
+pub(crate) fn linear_epilogue<A: Accum>(
+    (x, w, params): (&[A], &[A], &[A]),
+    (m, n, k): (usize, usize, usize),
+    rows: ParamRows,
+    epilogue: &Epilogue,
+    keep_z: bool,
+) -> (Vec<A>, Option<Vec<A>>) {
+    let mut acc = vec![A::zero(); m * n];
+    matmul_into(&mut acc, x, w, (m, n, k), Transpose::B, false);
+    let bias = &params[..n];
+    let scales = feature_scales(epilogue, params, rows, n);
+    // The pass is split by rows over the cores, as the product was.
+    if !keep_z {
+        acc.par_chunks_mut(n).for_each(|row| {
+            for j in 0..n {
+                row[j] = epilogue.apply(row[j] + bias[j], scales[j]);
+            }
+        });
+        return (acc, None);
     }
-    matmul_into(&mut z, x, w, (m, n, k), Transpose::B, true);
-    z
+    let mut y = vec![A::zero(); m * n];
+    acc.par_chunks_mut(n)
+        .zip(y.par_chunks_mut(n))
+        .for_each(|(z_row, y_row)| {
+            for j in 0..n {
+                z_row[j] = z_row[j] + bias[j];
+                y_row[j] = epilogue.apply(z_row[j], scales[j]);
+            }
+        });
+    (y, Some(acc))
 }
 
 /// Which operand of [`matmul_into`] is stored transposed.

@@ -41,3 +41,16 @@ pub use checkpoint::{Checkpoint, ModelConfig, ModelKind};
 pub use epilogue::{Activation, Epilogue, OutputScale};
 pub use nn::{FusedLinear, Model, ScaleBatchNorm, SigmoidResidual, SwishScale};
 pub use ops::{fused_linear, fused_linear_batch_norm, BatchNormParams, BatchStats, Precision};
+
+/// Makes `device` keep the memory of freed tensors for reuse, as PyTorch's caching allocator
+/// does, instead of returning it to the driver at every synchronisation: large per-step buffers
+/// (gradients, activations) are then not mapped again at each training step. The memory stays
+/// reserved by the process. Does nothing on the CPU or in a build without `cuda`.
+pub fn keep_freed_device_memory(device: &candle_core::Device) -> candle_core::Result<()> {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(device) = device {
+        return cuda::keep_freed_memory(device);
+    }
+    let _ = device;
+    Ok(())
+}

@@ -405,3 +405,34 @@ fn check(code: c_int, kernel: &str) -> Result<()> {
         format!("candle-fused {kernel}: CUDA error {code}: {message}").into(),
     ))
 }
+
+/// Keeps the memory that freed tensors return to the device's stream-ordered pool instead of
+/// handing it back to the driver at every synchronisation, so that a training loop's large
+/// per-step buffers (gradients, activations) are reused rather than mapped again each step.
+pub(crate) fn keep_freed_memory(device: &CudaDevice) -> Result<()> {
+    use candle_core::cuda::cudarc::driver::sys;
+    let stream = device.cuda_stream();
+    let context = stream.context();
+    let driver = |what: &str, e: candle_core::cuda::cudarc::driver::DriverError| {
+        candle_core::Error::Cuda(format!("candle-fused {what}: {e:?}").into())
+    };
+    context
+        .bind_to_thread()
+        .map_err(|e| driver("binding the context", e))?;
+    // SAFETY: `pool` is written by the driver before it is read; the attribute takes a u64.
+    unsafe {
+        let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+        sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), context.cu_device())
+            .result()
+            .map_err(|e| driver("cuDeviceGetDefaultMemPool", e))?;
+        let mut threshold = u64::MAX;
+        sys::cuMemPoolSetAttribute(
+            pool.assume_init(),
+            sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+            (&mut threshold as *mut u64).cast(),
+        )
+        .result()
+        .map_err(|e| driver("cuMemPoolSetAttribute", e))?;
+    }
+    Ok(())
+}

@@ -131,8 +131,13 @@ impl LinearBatchNormOp {
         dtype: DType,
     ) -> Result<CpuStorage> {
         let row = |r: usize| &p[r * n..(r + 1) * n];
-        let z = cpu::linear(x, w, row(0), m, n, k);
-        let mut y = cpu::epilogue_forward(&z, p, self.rows, n, &self.epilogue);
+        let (mut y, z) = cpu::linear_epilogue(
+            (x, w, p),
+            (m, n, k),
+            self.rows,
+            &self.epilogue,
+            self.keep_preactivation,
+        );
         let (mean, var) = match self.rows.running_mean {
             None => cpu::column_stats(&y, n),
             Some(r) => {
@@ -142,7 +147,7 @@ impl LinearBatchNormOp {
         };
         let gamma = self.rows.gamma.expect("batch-norm table has a gamma row");
         cpu::normalize(&mut y, &mean, &var, row(gamma), row(gamma + 1), self.eps);
-        if self.keep_preactivation {
+        if let Some(z) = z {
             self.saved
                 .keep_preactivation(Storage::Cpu(A::to_storage(z, dtype)?), (m, n))?;
         }

@@ -75,9 +75,14 @@ impl FusedLinearOp {
         (m, n, k): (usize, usize, usize),
         dtype: DType,
     ) -> Result<CpuStorage> {
-        let z = cpu::linear(x, w, &p[..n], m, n, k);
-        let y = cpu::epilogue_forward(&z, p, self.rows, n, &self.epilogue);
-        if self.keep_preactivation {
+        let (y, z) = cpu::linear_epilogue(
+            (x, w, p),
+            (m, n, k),
+            self.rows,
+            &self.epilogue,
+            self.keep_preactivation,
+        );
+        if let Some(z) = z {
             self.saved
                 .keep_preactivation(Storage::Cpu(A::to_storage(z, dtype)?), (m, n))?;
         }
