@@ -2,11 +2,13 @@
 //! corrupted files and configs (each error names the key, tensor or file), saving, and training
 //! through a `VarMap` (BatchNorm's running statistics included).
 
-use candle_core::{DType, Device, ModuleT, Result, Tensor};
+mod common;
+use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 use candle_fused::parity::{compare, forward_backward, tolerance};
 use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use common::assert_err;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
@@ -42,24 +44,6 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Asserts that `result` is an error whose message contains every one of `needles`.
-#[track_caller]
-fn assert_err<T>(result: Result<T>, needles: &[&str]) -> String {
-    match result {
-        Ok(_) => panic!("expected an error mentioning {needles:?}, got Ok"),
-        Err(e) => {
-            let msg = e.to_string();
-            for needle in needles {
-                assert!(
-                    msg.contains(needle),
-                    "the error {msg:?} does not mention {needle:?}"
-                );
-            }
-            msg
-        }
     }
 }
 

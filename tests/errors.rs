@@ -2,36 +2,20 @@
 //! message names the problem (the operand, the shape, the dtype, the key), never a panic, and
 //! the inputs that are merely laid out differently (non-contiguous) are accepted.
 
+mod common;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_fused::{
     fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Epilogue, FusedLinear,
     Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale,
 };
 use candle_nn::{VarBuilder, VarMap};
+use common::assert_err;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 const OPS: [&str; 2] = ["fused_linear", "fused_linear_batch_norm"];
 const EPS: f64 = 1e-5;
 const FACTOR: f64 = 2.0;
-
-/// Asserts that `result` is an error whose message contains every one of `needles`.
-#[track_caller]
-fn assert_err<T>(result: Result<T>, needles: &[&str]) -> String {
-    match result {
-        Ok(_) => panic!("expected an error mentioning {needles:?}, got Ok"),
-        Err(e) => {
-            let msg = e.to_string();
-            for needle in needles {
-                assert!(
-                    msg.contains(needle),
-                    "the error {msg:?} does not mention {needle:?}"
-                );
-            }
-            msg
-        }
-    }
-}
 
 /// A tensor of values uniform in `[lo, hi)`, reproducible from `seed`.
 fn uniform(dims: &[usize], lo: f64, hi: f64, seed: u64) -> Tensor {
