@@ -1,7 +1,7 @@
 //! `y = epilogue(x·Wᵀ + b)` as a `CustomOp3` over `(x, weight, params)`.
 
 use super::autograd::{self, Saved};
-use super::{check_linear_operands, needs_grad, param_table, ParamRows, Precision};
+use super::{check_linear_operands, needs_grad, param_table, scale_operand, ParamRows, Precision};
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
@@ -44,16 +44,7 @@ pub fn fused_linear(
     if let Some(b) = bias {
         vectors.push(("bias", b));
     }
-    match (epilogue.has_scale_param(), scale) {
-        (true, Some(s)) => vectors.push(("scale", s)),
-        (false, None) => {}
-        (true, None) => candle_core::bail!(
-            "{OP}: the epilogue has a per-feature scale but no scale tensor was given"
-        ),
-        (false, Some(_)) => candle_core::bail!(
-            "{OP}: a scale tensor was given but the epilogue's scale is not per-feature"
-        ),
-    }
+    vectors.extend(scale_operand(OP, &epilogue, scale)?);
     check_linear_operands(OP, x, weight, &vectors)?;
     let params = param_table(bias, &scale.into_iter().collect::<Vec<_>>(), weight)?;
     let (x, weight) = (x.contiguous()?, weight.contiguous()?);

@@ -159,6 +159,25 @@ fn check_linear_operands(
     Ok((batch, in_features, out_features))
 }
 
+/// The per-feature scale as a named operand: required exactly when the epilogue's scale is per
+/// feature.
+fn scale_operand<'a>(
+    op: &str,
+    epilogue: &Epilogue,
+    scale: Option<&'a Tensor>,
+) -> Result<Option<(&'static str, &'a Tensor)>> {
+    match (epilogue.has_scale_param(), scale) {
+        (true, Some(s)) => Ok(Some(("scale", s))),
+        (false, None) => Ok(None),
+        (true, None) => {
+            bail!("{op}: the epilogue has a per-feature scale but no scale tensor was given")
+        }
+        (false, Some(_)) => {
+            bail!("{op}: a scale tensor was given but the epilogue's scale is not per-feature")
+        }
+    }
+}
+
 /// A short device name for error messages.
 fn describe_device(device: &Device) -> String {
     match device.location() {
