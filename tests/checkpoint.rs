@@ -8,7 +8,7 @@ use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 use candle_fused::parity::{compare, forward_backward, tolerance};
 use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use common::assert_err;
+use common::{assert_err, to_f64};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
@@ -111,15 +111,6 @@ fn eval_output(ckpt: &Checkpoint, name: &str) -> Vec<Vec<f32>> {
         .forward_t(&input(name), false)
         .unwrap()
         .to_vec2()
-        .unwrap()
-}
-
-fn to_f64(t: &Tensor) -> Vec<f64> {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
         .unwrap()
 }
 

@@ -9,7 +9,7 @@ use candle_fused::{
     Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale,
 };
 use candle_nn::{VarBuilder, VarMap};
-use common::assert_err;
+use common::{assert_err, to_f64};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -536,32 +536,10 @@ fn batch_norm_train_needs_two_rows_but_eval_takes_one() {
     let map = VarMap::new();
     let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
     let module = ScaleBatchNorm::load(vb, 8, 6, EPS, Some(0.1)).unwrap();
-    let before: Vec<Vec<f64>> = module
-        .buffers()
-        .iter()
-        .map(|(_, t)| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
-        .collect();
+    let before: Vec<Vec<f64>> = module.buffers().iter().map(|(_, t)| to_f64(t)).collect();
     assert_err(module.forward_t(&ops.x, true), &["got a batch of 1"]);
     assert_eq!(module.forward_t(&ops.x, false).unwrap().dims(), &[1, 6]);
-    let after: Vec<Vec<f64>> = module
-        .buffers()
-        .iter()
-        .map(|(_, t)| {
-            t.to_dtype(DType::F64)
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap()
-        })
-        .collect();
+    let after: Vec<Vec<f64>> = module.buffers().iter().map(|(_, t)| to_f64(t)).collect();
     assert_eq!(
         before, after,
         "a rejected or eval-mode forward changed the buffers"

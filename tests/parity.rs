@@ -1,12 +1,14 @@
 //! Parity with PyTorch (the goldens `scripts/export.py` computed in float64) and with finite
 //! differences, on the CPU.
 
+mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_fused::parity::{compare, forward_backward, tolerance};
 use candle_fused::{
     fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Checkpoint, Epilogue,
     OutputScale, Precision,
 };
+use common::to_f64;
 use std::collections::HashMap;
 
 const MODELS: [&str; 3] = ["swish_scale", "scale_batchnorm", "sigmoid_residual"];
@@ -117,20 +119,7 @@ fn half_precisions_match_f32() {
 }
 
 fn relative_error(a: &Tensor, b: &Tensor) -> f64 {
-    let a = a
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
-    let b = b
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f64>()
-        .unwrap();
+    let (a, b) = (to_f64(a), to_f64(b));
     let diff = a
         .iter()
         .zip(&b)

@@ -1,6 +1,7 @@
-//! Helpers shared by the integration tests.
+//! Helpers shared by the integration tests (each test file uses some of them).
+#![allow(dead_code)]
 
-use candle_core::Result;
+use candle_core::{DType, Result, Tensor};
 
 /// Asserts that `result` is an error whose message contains every one of `needles`.
 #[track_caller]
@@ -18,4 +19,14 @@ pub fn assert_err<T>(result: Result<T>, needles: &[&str]) -> String {
             msg
         }
     }
+}
+
+/// A tensor's elements as f64, on the host.
+pub fn to_f64(t: &Tensor) -> Vec<f64> {
+    t.to_dtype(DType::F64)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
