@@ -9,13 +9,15 @@
 //! Each cell is the median of `--iters` timed runs after warm-up runs, synchronised with the
 //! device after every run, cycling through three different inputs. On the GPU the default
 //! sizes are the reference sizes the models were written for; on the CPU, `mid` sizes. With
-//! `--train` it also times a train step: forward, and backward to the input and every parameter.
+//! `--train` it also times a train step: forward, and backward to the input and every parameter
+//! given the output's gradient (candle-fused through its `Trace`, and as `autograd` through
+//! Candle's `Tensor::backward`; plain Candle through `Tensor::backward`).
 //! The floor of a cell is the larger of the time to read the operands and write the output at
 //! the measured copy bandwidth, and the time of its FLOPs at the measured rate of a large
 //! plain matmul in the same precision.
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
-use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind, Precision};
+use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind, Precision, TracedModuleT};
 use std::time::Instant;
 
 const USAGE: &str = "usage: bench [--device cpu|cuda] [--modes f32,tf32,bf16,f16] [--problems a,b] [--size reference|mid] [--train] [--iters N] [--json FILE]";
@@ -305,23 +307,32 @@ fn main() -> Result<()> {
                 // Inference on plain tensors (nothing kept for a backward); training on variables.
                 let (fused, plain) = build(kind, size, dtype, device, step == "train")?;
                 let fused = fused.with_precision(precision);
-                for variant in ["fused", "plain"] {
-                    let forward = |x: &Tensor| -> Result<Tensor> {
-                        match variant {
-                            "fused" => fused.forward_t(x, train_mode),
-                            _ => plain.forward(x, train_mode),
-                        }
-                    };
+                // The train step of candle-fused runs through its Trace; "autograd" is the same
+                // op through Candle's `Tensor::backward`, which adds every gradient into a
+                // zero-initialised store.
+                let variants: &[&str] = match step {
+                    "fwd" => &["fused", "plain"],
+                    _ => &["fused", "autograd", "plain"],
+                };
+                for &variant in variants {
                     let ms = time(device, args.iters, |it| {
                         let x = &xs[it % xs.len()];
-                        if step == "fwd" {
-                            return forward(x).map(drop);
+                        match (step, variant) {
+                            ("fwd", "fused") => fused.forward_t(x, train_mode).map(drop),
+                            ("fwd", _) => plain.forward(x, train_mode).map(drop),
+                            (_, "fused") => {
+                                let (_, trace) = fused.forward_traced(x, train_mode)?;
+                                trace.backward(&g).map(drop)
+                            }
+                            (_, variant) => {
+                                let x = Var::from_tensor(x)?;
+                                let y = match variant {
+                                    "autograd" => fused.forward_t(x.as_tensor(), train_mode)?,
+                                    _ => plain.forward(x.as_tensor(), train_mode)?,
+                                };
+                                (y * &g)?.sum_all()?.backward().map(drop)
+                            }
                         }
-                        let x = Var::from_tensor(x)?;
-                        (forward(x.as_tensor())? * &g)?
-                            .sum_all()?
-                            .backward()
-                            .map(drop)
                     })?;
                     let tflops = flop_factor * flops / (ms * 1e-3) / 1e12;
                     let floor_pct = 100.0 * flop_factor * floor_ms / ms;

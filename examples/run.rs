@@ -13,7 +13,7 @@
 //! `grad.<parameter>`, and with `--train` on a BatchNorm model the running statistics.
 
 use candle_core::{DType, Device, Result, Tensor};
-use candle_fused::parity::{compare, forward_backward, tolerance};
+use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{Checkpoint, Model, Precision};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -147,7 +147,7 @@ fn run() -> Result<()> {
         .transpose()?;
 
     let start = Instant::now();
-    let outputs = forward_backward(&model, &x, g.as_ref(), args.train)?;
+    let outputs = forward_backward(&model, &x, g.as_ref(), args.train, GradientPath::Trace)?;
     device.synchronize()?;
     let elapsed = start.elapsed();
     println!(

@@ -11,8 +11,8 @@
 //! statistics). The result goes to `--out` (default `MODEL-finetuned`): `config.json` and
 //! `model.safetensors`, which `scripts/load_checkpoint.py` loads into the PyTorch module.
 
-use candle_core::{DType, Device, ModuleT, Result, Tensor};
-use candle_fused::{Checkpoint, Model, Precision};
+use candle_core::{DType, Device, Result, Tensor, Var};
+use candle_fused::{Checkpoint, Model, Precision, TracedModuleT};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -171,9 +171,16 @@ fn run() -> Result<()> {
     let mut last = f32::NAN;
     for step in 1..=args.steps {
         let (x, target) = &dataset[step % DATASET_BATCHES];
-        let y = model.forward_t(x, true)?;
-        let loss = candle_nn::loss::mse(&y.to_dtype(DType::F32)?, target)?;
-        optimizer.backward_step(&loss)?;
+        // The forward through a Trace; the loss's gradient at y from Candle's autograd on a
+        // leaf copy of y; the model's gradients from the trace, straight into the optimizer.
+        let (y, trace) = model.forward_traced(x, true)?;
+        let y_leaf = Var::from_tensor(&y.to_dtype(DType::F32)?)?;
+        let loss = candle_nn::loss::mse(y_leaf.as_tensor(), target)?;
+        let dy = match loss.backward()?.get(y_leaf.as_tensor()) {
+            Some(dy) => dy.to_dtype(args.dtype)?,
+            None => candle_core::bail!("the loss does not depend on the model's output"),
+        };
+        optimizer.step(&trace.backward(&dy)?)?;
         if step == 1 || step % 10 == 0 || step == args.steps {
             last = loss.to_scalar::<f32>()?;
             progress(step, args.steps, last, start);

@@ -14,8 +14,9 @@ import sys
 
 # The crate's mode names; the peers script writes f32 as "fp32".
 MODES = ["f32", "tf32", "bf16", "f16"]
-IMPLS = [("eager", "PyTorch eager"), ("compile", "torch.compile"), ("plain", "plain Candle"), ("fused", "candle-fused")]
-COLORS = {"eager": "#8c8c8c", "compile": "#5b8db8", "plain": "#e0a040", "fused": "#3a9a5b"}
+IMPLS = [("eager", "PyTorch eager"), ("compile", "torch.compile"), ("plain", "plain Candle"),
+         ("autograd", "candle-fused, Candle autograd"), ("fused", "candle-fused")]
+COLORS = {"eager": "#8c8c8c", "compile": "#5b8db8", "plain": "#e0a040", "autograd": "#9ccc9c", "fused": "#3a9a5b"}
 
 
 def load(ours_path, peers_path):
@@ -73,7 +74,7 @@ def svg(rows, title):
     x = 10
     for impl, name in IMPLS:
         out.append(f'<rect x="{x}" y="{y + 8}" width="10" height="10" fill="{COLORS[impl]}"/><text x="{x + 14}" y="{y + 17}">{name}</text>')
-        x += 130
+        x += 30 + 6 * len(name)
     out.append("</svg>")
     return "\n".join(out)
 

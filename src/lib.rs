@@ -39,8 +39,11 @@ pub mod parity;
 
 pub use checkpoint::{Checkpoint, ModelConfig, ModelKind};
 pub use epilogue::{Activation, Epilogue, OutputScale};
-pub use nn::{FusedLinear, Model, ScaleBatchNorm, SigmoidResidual, SwishScale};
-pub use ops::{fused_linear, fused_linear_batch_norm, BatchNormParams, BatchStats, Precision};
+pub use nn::{FusedLinear, Model, ScaleBatchNorm, SigmoidResidual, SwishScale, TracedModuleT};
+pub use ops::{
+    fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
+    BatchNormParams, BatchStats, Precision, Trace,
+};
 
 /// Makes `device` keep the memory of freed tensors for reuse, as PyTorch's caching allocator
 /// does, instead of returning it to the driver at every synchronisation: large per-step buffers

@@ -9,10 +9,22 @@
 
 use crate::checkpoint::{ModelConfig, ModelKind};
 use crate::epilogue::Epilogue;
-use crate::ops::{fused_linear, fused_linear_batch_norm, BatchNormParams, BatchStats, Precision};
+use crate::ops::{
+    fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
+    BatchNormParams, BatchStats, Precision, Trace,
+};
 use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use std::sync::Mutex;
+
+/// A module whose forward can run outside Candle's autograd graph, returning a [`Trace`] whose
+/// backward gives the gradients of the input and of every parameter directly (see [`Trace`] for
+/// why that is faster than `Tensor::backward` and how an optimizer takes them).
+pub trait TracedModuleT {
+    /// The forward of [`ModuleT::forward_t`] (same output, same running-statistics update in
+    /// train mode) and the trace of it.
+    fn forward_traced(&self, xs: &Tensor, train: bool) -> Result<(Tensor, Trace)>;
+}
 
 /// A linear layer with a fused epilogue: `y = epilogue(x·Wᵀ + b)`.
 #[derive(Clone, Debug)]
@@ -118,6 +130,19 @@ impl Module for FusedLinear {
     }
 }
 
+impl TracedModuleT for FusedLinear {
+    fn forward_traced(&self, x: &Tensor, _train: bool) -> Result<(Tensor, Trace)> {
+        fused_linear_traced(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.scale.as_ref(),
+            self.epilogue,
+            self.precision,
+        )
+    }
+}
+
 /// PyTorch's `SwishScale`: `y = z * sigmoid(z) * scaling_factor` with `z = matmul(x)`.
 #[derive(Clone, Debug)]
 pub struct SwishScale {
@@ -156,6 +181,12 @@ impl Module for SwishScale {
     }
 }
 
+impl TracedModuleT for SwishScale {
+    fn forward_traced(&self, x: &Tensor, train: bool) -> Result<(Tensor, Trace)> {
+        self.matmul.forward_traced(x, train)
+    }
+}
+
 /// PyTorch's `SigmoidResidual`: `y = sigmoid(z) * scaling_factor + z` with `z = gemm(x)`.
 #[derive(Clone, Debug)]
 pub struct SigmoidResidual {
@@ -191,6 +222,12 @@ impl SigmoidResidual {
 impl Module for SigmoidResidual {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.gemm.forward(x)
+    }
+}
+
+impl TracedModuleT for SigmoidResidual {
+    fn forward_traced(&self, x: &Tensor, train: bool) -> Result<(Tensor, Trace)> {
+        self.gemm.forward_traced(x, train)
     }
 }
 
@@ -344,22 +381,28 @@ impl ScaleBatchNorm {
     }
 }
 
-impl ModuleT for ScaleBatchNorm {
-    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let bn = BatchNormParams {
+impl ScaleBatchNorm {
+    /// BatchNorm's parameters and buffers as the op takes them.
+    fn batch_norm_params(&self) -> BatchNormParams<'_> {
+        BatchNormParams {
             weight: &self.bn_weight,
             bias: &self.bn_bias,
             running_mean: self.running_mean.as_tensor(),
             running_var: self.running_var.as_tensor(),
             eps: self.eps,
-        };
+        }
+    }
+}
+
+impl ModuleT for ScaleBatchNorm {
+    fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (y, stats) = fused_linear_batch_norm(
             x,
             self.gemm.weight(),
             self.gemm.bias(),
             self.gemm.scale(),
             self.gemm.epilogue(),
-            &bn,
+            &self.batch_norm_params(),
             train,
             self.gemm.precision,
         )?;
@@ -367,6 +410,25 @@ impl ModuleT for ScaleBatchNorm {
             self.update_running_stats(&stats, x.dim(0)?)?;
         }
         Ok(y)
+    }
+}
+
+impl TracedModuleT for ScaleBatchNorm {
+    fn forward_traced(&self, x: &Tensor, train: bool) -> Result<(Tensor, Trace)> {
+        let (y, stats, trace) = fused_linear_batch_norm_traced(
+            x,
+            self.gemm.weight(),
+            self.gemm.bias(),
+            self.gemm.scale(),
+            self.gemm.epilogue(),
+            &self.batch_norm_params(),
+            train,
+            self.gemm.precision,
+        )?;
+        if let Some(stats) = stats {
+            self.update_running_stats(&stats, x.dim(0)?)?;
+        }
+        Ok((y, trace))
     }
 }
 
@@ -460,6 +522,16 @@ impl ModuleT for Model {
             Model::SwishScale(m) => m.forward(x),
             Model::ScaleBatchNorm(m) => m.forward_t(x, train),
             Model::SigmoidResidual(m) => m.forward(x),
+        }
+    }
+}
+
+impl TracedModuleT for Model {
+    fn forward_traced(&self, x: &Tensor, train: bool) -> Result<(Tensor, Trace)> {
+        match self {
+            Model::SwishScale(m) => m.forward_traced(x, train),
+            Model::ScaleBatchNorm(m) => m.forward_traced(x, train),
+            Model::SigmoidResidual(m) => m.forward_traced(x, train),
         }
     }
 }

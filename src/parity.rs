@@ -6,9 +6,18 @@
 //! BatchNorm models the buffers after one train-mode forward, `after_train.bn.running_mean`,
 //! `after_train.bn.running_var` and `after_train.bn.num_batches_tracked`.
 
-use crate::nn::Model;
+use crate::nn::{Model, TracedModuleT};
 use candle_core::{DType, ModuleT, Result, Tensor, Var};
 use std::collections::HashMap;
+
+/// How [`forward_backward`] computes the gradients.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradientPath {
+    /// Candle's autograd: `(y * g).sum().backward()`.
+    Autograd,
+    /// The model's [`Trace`](crate::Trace): `forward_traced`, then `backward(g)`.
+    Trace,
+}
 
 /// What one forward (and, given `g`, backward) of a model produces, under the names the `run`
 /// example writes: `y`, `grad.x`, `grad.<parameter>`, and after a train-mode forward of a
@@ -18,32 +27,55 @@ pub fn forward_backward(
     x: &Tensor,
     g: Option<&Tensor>,
     train: bool,
+    path: GradientPath,
 ) -> Result<Vec<(String, Tensor)>> {
-    let x = Var::from_tensor(x)?;
-    let y = model.forward_t(x.as_tensor(), train)?;
-    let mut outputs = vec![("y".to_string(), y.clone())];
-    if let Some(g) = g {
-        if g.dims() != y.dims() {
-            candle_core::bail!(
-                "the gradient g has shape {:?} but the output has {:?}",
-                g.dims(),
-                y.dims()
-            );
+    let Some(g) = g else {
+        let mut outputs = vec![("y".to_string(), model.forward_t(x, train)?)];
+        if train {
+            outputs.extend(model.buffers());
         }
-        let grads = (y * g.to_dtype(x.dtype())?)?.sum_all()?.backward()?;
-        let mut named = vec![("x".to_string(), x.as_tensor().clone())];
-        named.extend(model.parameters());
-        for (name, t) in named {
-            let grad = grads
-                .get(&t)
-                .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached {name}")))?;
-            outputs.push((format!("grad.{name}"), grad.clone()));
+        return Ok(outputs);
+    };
+    let g = g.to_dtype(x.dtype())?;
+    let (x, y, grads) = match path {
+        GradientPath::Autograd => {
+            let x = Var::from_tensor(x)?.as_tensor().clone();
+            let y = model.forward_t(&x, train)?;
+            check_gradient_shape(&g, &y)?;
+            let grads = (&y * &g)?.sum_all()?.backward()?;
+            (x, y, grads)
         }
+        GradientPath::Trace => {
+            let (y, trace) = model.forward_traced(x, train)?;
+            check_gradient_shape(&g, &y)?;
+            let grads = trace.backward(&g)?;
+            (x.clone(), y, grads)
+        }
+    };
+    let mut outputs = vec![("y".to_string(), y)];
+    let mut named = vec![("x".to_string(), x)];
+    named.extend(model.parameters());
+    for (name, t) in named {
+        let grad = grads
+            .get(&t)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no gradient reached {name}")))?;
+        outputs.push((format!("grad.{name}"), grad.clone()));
     }
     if train {
         outputs.extend(model.buffers());
     }
     Ok(outputs)
+}
+
+fn check_gradient_shape(g: &Tensor, y: &Tensor) -> Result<()> {
+    if g.dims() != y.dims() {
+        candle_core::bail!(
+            "the gradient g has shape {:?} but the output has {:?}",
+            g.dims(),
+            y.dims()
+        );
+    }
+    Ok(())
 }
 
 /// The golden key that an output of [`forward_backward`] is compared with.

@@ -5,7 +5,7 @@
 mod common;
 use candle_core::{DType, Device, ModuleT, Tensor};
 use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
-use candle_fused::parity::{compare, forward_backward, tolerance};
+use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
 use common::{assert_err, to_f64};
@@ -156,7 +156,9 @@ fn shipped_checkpoints_load_and_match_their_goldens() {
         let tol = tolerance(DType::F32, false);
         for train in [false, true] {
             let model = ckpt.load_model(DType::F32, &Device::Cpu).unwrap();
-            let outputs = forward_backward(&model, &golden["x"], None, train).unwrap();
+            let outputs =
+                forward_backward(&model, &golden["x"], None, train, GradientPath::Autograd)
+                    .unwrap();
             let expected = if name == "scale_batchnorm" && train {
                 4
             } else {
@@ -169,8 +171,14 @@ fn shipped_checkpoints_load_and_match_their_goldens() {
             let map = ckpt.var_map(DType::F32, &Device::Cpu).unwrap();
             let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
             let model = Model::load(vb, &ckpt.config).unwrap();
-            let outputs =
-                forward_backward(&model, &golden["x"], Some(&golden["g"]), train).unwrap();
+            let outputs = forward_backward(
+                &model,
+                &golden["x"],
+                Some(&golden["g"]),
+                train,
+                GradientPath::Autograd,
+            )
+            .unwrap();
             // y, grad.x and one gradient per parameter.
             assert!(outputs.len() >= 2 + model.parameters().len(), "{name}");
             for c in compare(&outputs, &golden, train, tol, false).unwrap() {

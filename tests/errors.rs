@@ -6,7 +6,7 @@ mod common;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
 use candle_fused::{
     fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Epilogue, FusedLinear,
-    Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale,
+    Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale, TracedModuleT,
 };
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_err, to_f64};
@@ -848,5 +848,35 @@ fn unknown_names_are_rejected() {
         ModelKind::SigmoidResidual,
     ] {
         assert_eq!(kind.name().parse::<ModelKind>().unwrap(), kind);
+    }
+}
+
+#[test]
+fn trace_backward_rejects_a_mismatched_output_gradient() {
+    for kind in [
+        ModelKind::SwishScale,
+        ModelKind::ScaleBatchNorm,
+        ModelKind::SigmoidResidual,
+    ] {
+        let model = fresh_model(&config(kind, 6, 5));
+        let x = uniform(&[4, 6], -1.0, 1.0, 7);
+        let (y, trace) = model.forward_traced(&x, true).unwrap();
+        assert_err(
+            trace.backward(&Tensor::ones((4, 6), DType::F32, &Device::Cpu).unwrap()),
+            &["backward", "shape [4, 6]", "[4, 5]"],
+        );
+        assert_err(
+            trace.backward(&y.to_dtype(DType::F64).unwrap()),
+            &["backward", "F64", "F32"],
+        );
+        // The right gradient works, and twice gives the same answer: nothing accumulates.
+        let g = uniform(&[4, 5], -1.0, 1.0, 8);
+        let first = trace.backward(&g).unwrap();
+        let second = trace.backward(&g).unwrap();
+        for (name, t) in model.parameters() {
+            let (a, b) = (first.get(&t).unwrap(), second.get(&t).unwrap());
+            assert_eq!(to_f64(a), to_f64(b), "{name}");
+        }
+        assert!(first.get(&x).is_some());
     }
 }

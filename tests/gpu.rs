@@ -5,10 +5,10 @@
 #![cfg(feature = "cuda")]
 
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
-use candle_fused::parity::{compare, forward_backward, tolerance};
+use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{
-    fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Checkpoint, Epilogue,
-    OutputScale, Precision,
+    fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
+    Activation, BatchNormParams, Checkpoint, Epilogue, OutputScale, Precision,
 };
 
 fn gpu() -> Option<Device> {
@@ -261,11 +261,12 @@ fn gradients_match_cpu_on_odd_shapes() {
                 ("bn-train", Epilogue::per_feature_scale()),
                 ("bn-eval", Epilogue::per_feature_scale()),
             ] {
-                let grads = |t: &[Tensor], g: &Tensor| -> Result<Vec<Tensor>> {
+                // The gradients through Candle's autograd, or (`traced`) through a Trace.
+                let grads = |t: &[Tensor], g: &Tensor, traced: bool| -> Result<Vec<Tensor>> {
                     let vars: Vec<Var> = t.iter().map(Var::from_tensor).collect::<Result<_>>()?;
                     let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
                     let scale = epilogue.has_scale_param().then_some(v[3]);
-                    let y = if which.starts_with("bn") {
+                    let (y, trace) = if which.starts_with("bn") {
                         let (rm, rv) = (v[5].zeros_like()?, v[4].ones_like()?);
                         let bn = BatchNormParams {
                             weight: v[4],
@@ -274,21 +275,37 @@ fn gradients_match_cpu_on_odd_shapes() {
                             running_var: &rv,
                             eps: 1e-5,
                         };
-                        fused_linear_batch_norm(
+                        let train = which == "bn-train";
+                        let args = (v[0], v[1], Some(v[2]), scale, epilogue);
+                        if traced {
+                            let (y, _, trace) = fused_linear_batch_norm_traced(
+                                args.0, args.1, args.2, args.3, args.4, &bn, train, precision,
+                            )?;
+                            (y, Some(trace))
+                        } else {
+                            let y = fused_linear_batch_norm(
+                                args.0, args.1, args.2, args.3, args.4, &bn, train, precision,
+                            )?;
+                            (y.0, None)
+                        }
+                    } else if traced {
+                        let (y, trace) = fused_linear_traced(
                             v[0],
                             v[1],
                             Some(v[2]),
                             scale,
                             epilogue,
-                            &bn,
-                            which == "bn-train",
                             precision,
-                        )?
-                        .0
+                        )?;
+                        (y, Some(trace))
                     } else {
-                        fused_linear(v[0], v[1], Some(v[2]), scale, epilogue, precision)?
+                        let y = fused_linear(v[0], v[1], Some(v[2]), scale, epilogue, precision)?;
+                        (y, None)
                     };
-                    let store = (y * g)?.sum_all()?.backward()?;
+                    let store = match trace {
+                        Some(trace) => trace.backward(g)?,
+                        None => (y * g)?.sum_all()?.backward()?,
+                    };
                     let used = if which.starts_with("bn") {
                         6
                     } else if epilogue.has_scale_param() {
@@ -306,18 +323,20 @@ fn gradients_match_cpu_on_odd_shapes() {
                         })
                         .collect()
                 };
-                let ours = grads(&ops.gpu, &g.gpu[0]).unwrap();
-                let reference = grads(&ops.cpu64, &g.cpu64[0]).unwrap();
-                for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
-                    // Train-mode BatchNorm cancels the gradients of the bias (to zero) and of
-                    // the scale (to a term in eps): sums whose terms cancel, so the rounding of
-                    // the forward's f32 product decides what is left. The shipped-model test
-                    // holds them to the PyTorch goldens; tests/parity.rs checks them in f64.
-                    if which == "bn-train" && (i == 2 || i == 3) {
-                        continue;
+                let reference = grads(&ops.cpu64, &g.cpu64[0], false).unwrap();
+                for traced in [false, true] {
+                    let ours = grads(&ops.gpu, &g.gpu[0], traced).unwrap();
+                    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+                        // Train-mode BatchNorm cancels the gradients of the bias (to zero) and of
+                        // the scale (to a term in eps): sums whose terms cancel, so the rounding of
+                        // the forward's f32 product decides what is left. The shipped-model test
+                        // holds them to the PyTorch goldens; tests/parity.rs checks them in f64.
+                        if which == "bn-train" && (i == 2 || i == 3) {
+                            continue;
+                        }
+                        let err = max_rel_error(a, b);
+                        assert!(err <= 2.0 * tol, "{which} {m}x{k}->{n} {dtype:?} {precision:?} traced={traced}: gradient {i} error {err:.2e}");
                     }
-                    let err = max_rel_error(a, b);
-                    assert!(err <= 2.0 * tol, "{which} {m}x{k}->{n} {dtype:?} {precision:?}: gradient {i} error {err:.2e}");
                 }
             }
         }
@@ -333,36 +352,45 @@ fn shipped_models_match_pytorch_on_gpu() {
         let golden =
             candle_core::safetensors::load(format!("{dir}/golden.safetensors"), &Device::Cpu)
                 .unwrap();
-        for (dtype, precision, _) in MODES {
-            for train in [false, true] {
-                let varmap = checkpoint.var_map(dtype, &device).unwrap();
-                let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &device);
-                let net = candle_fused::Model::load(vb, &checkpoint.config)
-                    .unwrap()
-                    .with_precision(precision);
-                let x = golden["x"]
-                    .to_dtype(dtype)
-                    .unwrap()
-                    .to_device(&device)
-                    .unwrap();
-                let g = golden["g"]
-                    .to_dtype(dtype)
-                    .unwrap()
-                    .to_device(&device)
-                    .unwrap();
-                let outputs = forward_backward(&net, &x, Some(&g), train).unwrap();
-                let half = dtype != DType::F32;
-                let tol = tolerance(dtype, precision == Precision::Tf32);
-                for c in compare(&outputs, &golden, train, tol, half).unwrap() {
-                    assert!(
-                        c.ok,
-                        "{model} {dtype:?} {precision:?} train={train}: {} error {:.2e}",
-                        c.name, c.error
-                    );
-                }
+        let paths = [GradientPath::Autograd, GradientPath::Trace];
+        for ((dtype, precision, _), train, path) in cross(MODES, [false, true], paths) {
+            // A fresh model each time: a train-mode forward updates the BatchNorm buffers.
+            let varmap = checkpoint.var_map(dtype, &device).unwrap();
+            let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &device);
+            let net = candle_fused::Model::load(vb, &checkpoint.config)
+                .unwrap()
+                .with_precision(precision);
+            let on_device = |t: &Tensor| t.to_dtype(dtype).unwrap().to_device(&device).unwrap();
+            let (x, g) = (on_device(&golden["x"]), on_device(&golden["g"]));
+            let outputs = forward_backward(&net, &x, Some(&g), train, path).unwrap();
+            let half = dtype != DType::F32;
+            let tol = tolerance(dtype, precision == Precision::Tf32);
+            for c in compare(&outputs, &golden, train, tol, half).unwrap() {
+                assert!(
+                    c.ok,
+                    "{model} {dtype:?} {precision:?} train={train} {path:?}: {} error {:.2e}",
+                    c.name, c.error
+                );
             }
         }
     }
+}
+
+/// Every combination of one item of each list.
+fn cross<A: Copy, B: Copy, C: Copy>(
+    a: impl IntoIterator<Item = A>,
+    b: impl IntoIterator<Item = B> + Clone,
+    c: impl IntoIterator<Item = C> + Clone,
+) -> Vec<(A, B, C)> {
+    let mut all = Vec::new();
+    for a in a {
+        for b in b.clone() {
+            for c in c.clone() {
+                all.push((a, b, c));
+            }
+        }
+    }
+    all
 }
 
 /// The reference sizes, spot-checked against float64 dot products of sampled rows and columns.

@@ -3,7 +3,7 @@
 
 mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
-use candle_fused::parity::{compare, forward_backward, tolerance};
+use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{
     fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Checkpoint, Epilogue,
     OutputScale, Precision,
@@ -22,7 +22,7 @@ fn golden(model: &str) -> HashMap<String, Tensor> {
 }
 
 /// Runs a shipped model in `dtype` on its golden input and checks every output.
-fn check_model(model: &str, dtype: DType, train: bool) {
+fn check_model(model: &str, dtype: DType, train: bool, path: GradientPath) {
     let dir = format!("{}/models/{model}", env!("CARGO_MANIFEST_DIR"));
     let checkpoint = Checkpoint::from_dir(&dir).unwrap();
     let varmap = checkpoint.var_map(dtype, &Device::Cpu).unwrap();
@@ -31,7 +31,7 @@ fn check_model(model: &str, dtype: DType, train: bool) {
     let golden = golden(model);
     let x = golden["x"].to_dtype(dtype).unwrap();
     let g = golden["g"].to_dtype(dtype).unwrap();
-    let outputs = forward_backward(&net, &x, Some(&g), train).unwrap();
+    let outputs = forward_backward(&net, &x, Some(&g), train, path).unwrap();
     let expected = 1 + 1 + net.parameters().len() + if train { net.buffers().len() } else { 0 };
     assert_eq!(outputs.len(), expected, "{model}: outputs {outputs:?}");
     let half = matches!(dtype, DType::F16 | DType::BF16);
@@ -39,7 +39,7 @@ fn check_model(model: &str, dtype: DType, train: bool) {
     for c in &results {
         assert!(
             c.ok,
-            "{model} {dtype:?} train={train}: {} error {:.3e}",
+            "{model} {dtype:?} train={train} {path:?}: {} error {:.3e}",
             c.name, c.error
         );
     }
@@ -57,33 +57,31 @@ fn check_model(model: &str, dtype: DType, train: bool) {
     }
 }
 
-#[test]
-fn f32_matches_pytorch_train_and_eval() {
+/// Every shipped model in `dtype`, in both modes, through both gradient paths.
+fn check_models(dtype: DType) {
     for model in MODELS {
         for train in [false, true] {
-            check_model(model, DType::F32, train);
+            for path in [GradientPath::Autograd, GradientPath::Trace] {
+                check_model(model, dtype, train, path);
+            }
         }
     }
+}
+
+#[test]
+fn f32_matches_pytorch_train_and_eval() {
+    check_models(DType::F32);
 }
 
 #[test]
 fn f64_matches_pytorch_to_rounding() {
-    for model in MODELS {
-        for train in [false, true] {
-            check_model(model, DType::F64, train);
-        }
-    }
+    check_models(DType::F64);
 }
 
 #[test]
 fn half_precisions_match_pytorch_within_their_resolution() {
-    for dtype in [DType::F16, DType::BF16] {
-        for model in MODELS {
-            for train in [false, true] {
-                check_model(model, dtype, train);
-            }
-        }
-    }
+    check_models(DType::F16);
+    check_models(DType::BF16);
 }
 
 /// Half-precision results against the f32 path, on a random problem larger than the goldens.

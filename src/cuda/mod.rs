@@ -294,6 +294,105 @@ fn backward(
     Ok((dz, dparams))
 }
 
+/// The products of a linear layer's backward, `dx = dz·W` (m, k) and `dW = dzᵀ·x` (n, k), on
+/// cuBLAS with the compute type that the dtype and `precision` ask for: fp32 FMA for exact f32
+/// (fp32-accurate), TF32 tensor cores for [`Precision::Tf32`], f32 accumulation for f16 and
+/// bf16. Candle's global reduced-precision switches play no part.
+pub(crate) fn linear_input_and_weight_grads(
+    dz: (&CudaStorage, usize),
+    x: (&CudaStorage, usize),
+    w: (&CudaStorage, usize),
+    (m, n, k): (usize, usize, usize),
+    precision: Precision,
+) -> Result<(CudaStorage, CudaStorage)> {
+    use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
+    const OP: &str = "fused_linear backward GEMM";
+    let dtype = operand_dtype(OP, &[("grad", dz.0), ("x", x.0), ("w", w.0)])?;
+    let extent = |name: &str, v: usize| -> Result<c_int> {
+        match c_int::try_from(v) {
+            Ok(v) if v > 0 => Ok(v),
+            _ => bail!("{OP}: {name} = {v} is outside cuBLAS's range 1..=2^31-1"),
+        }
+    };
+    let (mi, ni, ki) = (extent("m", m)?, extent("n", n)?, extent("k", k)?);
+    let (element, compute) = match (dtype, precision) {
+        (DType::F32, Precision::Exact) => (
+            sys::cudaDataType_t::CUDA_R_32F,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+        (DType::F32, Precision::Tf32) => (
+            sys::cudaDataType_t::CUDA_R_32F,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+        ),
+        (DType::F16, _) => (
+            sys::cudaDataType_t::CUDA_R_16F,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+        (_, _) => (
+            sys::cudaDataType_t::CUDA_R_16BF,
+            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+        ),
+    };
+    let dev = dz.0.device().clone();
+    let stream = dev.cuda_stream();
+    let blas = dev.cublas_handle();
+    let mut dx = alloc(&dev, dtype, m * k)?;
+    let mut dw = alloc(&dev, dtype, n * k)?;
+    let (alpha, beta) = (1f32, 0f32);
+    let (one, zero) = (
+        &alpha as *const f32 as *const c_void,
+        &beta as *const f32 as *const c_void,
+    );
+    {
+        bind(&stream, OP)?;
+        let (dzp, _gdz) = input_ptr(dz.0, dz.1, m * n, &stream, "grad")?;
+        let (xp, _gx) = input_ptr(x.0, x.1, m * k, &stream, "x")?;
+        let (wp, _gw) = input_ptr(w.0, w.1, n * k, &stream, "w")?;
+        let (dxp, _gdx) = output_ptr(&mut dx, &stream)?;
+        let (dwp, _gdw) = output_ptr(&mut dw, &stream)?;
+        let (no, transposed) = (
+            sys::cublasOperation_t::CUBLAS_OP_N,
+            sys::cublasOperation_t::CUBLAS_OP_T,
+        );
+        let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
+        // cuBLAS is column-major: a row-major (r, c) matrix is its (c, r) transpose there.
+        // C (rows, cols) = A (rows, inner) · op(B), all column-major with leading dimensions
+        // `rows` for A and C and `ldb` for B.
+        let product = |transb, (rows, cols, inner): (c_int, c_int, c_int), a, b, ldb, c| {
+            // SAFETY: every pointer is a live device allocation of the extent checked above,
+            // the handle runs on candle's stream, and the guards order the accesses on it.
+            unsafe {
+                gemm_ex(
+                    *blas.handle(),
+                    no,
+                    transb,
+                    rows,
+                    cols,
+                    inner,
+                    one,
+                    a,
+                    element,
+                    rows,
+                    b,
+                    element,
+                    ldb,
+                    zero,
+                    c,
+                    element,
+                    rows,
+                    compute,
+                    algo,
+                )
+            }
+        };
+        // dxᵀ (k, m) = Wᵀ (k, n) · dzᵀ (n, m);  dWᵀ (k, n) = xᵀ (k, m) · dz (m, n).
+        product(no, (ki, mi, ni), wp, dzp, ni, dxp)
+            .and_then(|()| product(transposed, (ki, ni, mi), xp, dzp, ni, dwp))
+            .map_err(|e| candle_core::Error::Cuda(format!("candle-fused {OP}: {e:?}").into()))?;
+    }
+    Ok((dx, dw))
+}
+
 /// The common dtype of the operands, which must be f32, f16 or bf16.
 fn operand_dtype(op: &str, operands: &[(&str, &CudaStorage)]) -> Result<DType> {
     let dtype = operands[0].1.dtype();

@@ -1,5 +1,6 @@
 //! What a forward keeps for its backward, and the backward's device plumbing.
 
+use super::Precision;
 use crate::cpu::Accum;
 use candle_core::op::BackpropOp;
 use candle_core::{bail, DType, Device, Layout, Result, Shape, Storage, Tensor};
@@ -87,19 +88,36 @@ pub(super) fn host_grads<A: Accum>(
 
 /// The gradients of `z = x·Wᵀ + b` at `x` and `W` given `dz`: `dz·W` and `dzᵀ·x`.
 ///
-/// On the CPU the products run in the accumulation type (Candle's CPU matmul has no bf16);
-/// elsewhere they are Candle's matmul in the tensors' dtype.
+/// On the CPU the products run in the accumulation type (Candle's CPU matmul has no bf16); on
+/// the GPU they run on cuBLAS in the op's `precision` (see
+/// [`linear_input_and_weight_grads`](crate::cuda::linear_input_and_weight_grads)).
 pub(super) fn input_and_weight_grads(
     dz: &Tensor,
     x: &Tensor,
     w: &Tensor,
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))] precision: Precision,
 ) -> Result<(Tensor, Tensor)> {
     match dz.device() {
         Device::Cpu => match dz.dtype() {
             DType::F64 => cpu_input_and_weight_grads::<f64>(dz, x, w),
             _ => cpu_input_and_weight_grads::<f32>(dz, x, w),
         },
-        _ => Ok((dz.matmul(w)?, dz.t()?.matmul(x)?)),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(_) => {
+            let ((m, n), k) = (dz.dims2()?, x.dim(1)?);
+            let (dx, dw) = cuda_operand(dz, |dz| {
+                cuda_operand(x, |x| {
+                    cuda_operand(w, |w| {
+                        crate::cuda::linear_input_and_weight_grads(dz, x, w, (m, n, k), precision)
+                    })
+                })
+            })?;
+            Ok((
+                detached(Storage::Cuda(dx), (m, k)),
+                detached(Storage::Cuda(dw), (n, k)),
+            ))
+        }
+        device => unsupported_device("fused_linear backward", device),
     }
 }
 

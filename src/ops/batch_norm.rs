@@ -1,7 +1,8 @@
 //! `y = BatchNorm1d(epilogue(x·Wᵀ + b))` as a `CustomOp3` over `(x, weight, params)`.
 
 use super::autograd::{self, Saved};
-use super::{check_linear_operands, needs_grad, param_table, scale_operand, ParamRows, Precision};
+use super::trace::{linear_targets, Graph, Target, Trace};
+use super::{check_linear_operands, param_table, scale_operand, ParamRows, Precision};
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
@@ -37,7 +38,6 @@ struct LinearBatchNormOp {
     rows: ParamRows,
     eps: f64,
     train: bool,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     precision: Precision,
     /// Whether the forward keeps the pre-activation (some input tracks gradients).
     keep_preactivation: bool,
@@ -63,55 +63,123 @@ pub fn fused_linear_batch_norm(
     train: bool,
     precision: Precision,
 ) -> Result<(Tensor, Option<BatchStats>)> {
-    const OP: &str = "fused_linear_batch_norm";
-    let mut vectors = vec![
-        ("bn.weight", bn.weight),
-        ("bn.bias", bn.bias),
-        ("bn.running_mean", bn.running_mean),
-        ("bn.running_var", bn.running_var),
-    ];
-    if let Some(b) = bias {
-        vectors.push(("bias", b));
+    let operands = (x, weight, bias, scale);
+    let call = BatchNormCall::new(operands, epilogue, bn, train, precision, Graph::Autograd)?;
+    let y = call.x.apply_op3_arc(&call.weight, &call.params, call.op)?;
+    Ok((y, call.saved.batch_stats(train)?))
+}
+
+/// [`fused_linear_batch_norm`] outside Candle's autograd graph, with a [`Trace`] of the call
+/// whose [`backward`](Trace::backward) returns the gradients of `x`, `weight`, `bias`, `scale`
+/// and BatchNorm's weight and bias directly.
+#[allow(clippy::too_many_arguments)]
+pub fn fused_linear_batch_norm_traced(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    scale: Option<&Tensor>,
+    epilogue: Epilogue,
+    bn: &BatchNormParams,
+    train: bool,
+    precision: Precision,
+) -> Result<(Tensor, Option<BatchStats>, Trace)> {
+    let operands = (x, weight, bias, scale);
+    let call = BatchNormCall::new(operands, epilogue, bn, train, precision, Graph::Traced)?;
+    let y = call
+        .x
+        .apply_op3_arc(&call.weight, &call.params, call.op.clone())?;
+    let mut targets = linear_targets(x, weight, bias, scale, &call.rows);
+    let gamma = call.rows.gamma.expect("batch-norm table has a gamma row");
+    targets.push((bn.weight.clone(), Target::Row(gamma)));
+    targets.push((bn.bias.clone(), Target::Row(gamma + 1)));
+    let stats = call.saved.batch_stats(train)?;
+    let trace = Trace::new(call.op, [call.x, call.weight, call.params], &y, targets);
+    Ok((y, stats, trace))
+}
+
+/// A checked fused linear + BatchNorm call, ready to apply.
+struct BatchNormCall {
+    op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
+    saved: Arc<Saved>,
+    rows: ParamRows,
+    x: Tensor,
+    weight: Tensor,
+    params: Tensor,
+}
+
+impl BatchNormCall {
+    fn new(
+        (x, weight, bias, scale): (&Tensor, &Tensor, Option<&Tensor>, Option<&Tensor>),
+        epilogue: Epilogue,
+        bn: &BatchNormParams,
+        train: bool,
+        precision: Precision,
+        graph: Graph,
+    ) -> Result<Self> {
+        const OP: &str = "fused_linear_batch_norm";
+        let mut vectors = vec![
+            ("bn.weight", bn.weight),
+            ("bn.bias", bn.bias),
+            ("bn.running_mean", bn.running_mean),
+            ("bn.running_var", bn.running_var),
+        ];
+        if let Some(b) = bias {
+            vectors.push(("bias", b));
+        }
+        vectors.extend(scale_operand(OP, &epilogue, scale)?);
+        let (batch, _, _) = check_linear_operands(OP, x, weight, &vectors)?;
+        if train && batch < 2 {
+            candle_core::bail!(
+                "{OP}: train mode needs more than one value per feature, got a batch of {batch}"
+            );
+        }
+        if bn.eps.is_nan() || bn.eps <= 0.0 {
+            candle_core::bail!("{OP}: eps must be positive, got {}", bn.eps);
+        }
+        let [x, weight, gamma, beta] = graph.operands([x, weight, bn.weight, bn.bias]);
+        let bias = bias.map(|b| graph.operand(b));
+        let mut rows: Vec<Tensor> = scale.map(|s| graph.operand(s)).into_iter().collect();
+        rows.extend([gamma, beta]);
+        if !train {
+            // The running statistics never receive a gradient.
+            rows.extend([bn.running_mean.detach(), bn.running_var.detach()]);
+        }
+        let params = param_table(bias.as_ref(), &rows.iter().collect::<Vec<_>>(), &weight)?;
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        let saved = Arc::new(Saved::default());
+        let table = ParamRows::batch_norm(&epilogue, train);
+        let op = LinearBatchNormOp {
+            epilogue,
+            rows: table,
+            eps: bn.eps,
+            train,
+            precision,
+            keep_preactivation: graph.keeps_for_backward(&[&x, &weight, &params]),
+            saved: saved.clone(),
+        };
+        Ok(Self {
+            op: Arc::new(Box::new(op)),
+            saved,
+            rows: table,
+            x,
+            weight,
+            params,
+        })
     }
-    vectors.extend(scale_operand(OP, &epilogue, scale)?);
-    let (batch, _, _) = check_linear_operands(OP, x, weight, &vectors)?;
-    if train && batch < 2 {
-        candle_core::bail!(
-            "{OP}: train mode needs more than one value per feature, got a batch of {batch}"
-        );
-    }
-    if bn.eps.is_nan() || bn.eps <= 0.0 {
-        candle_core::bail!("{OP}: eps must be positive, got {}", bn.eps);
-    }
-    let (running_mean, running_var) = (bn.running_mean.detach(), bn.running_var.detach());
-    let mut rows: Vec<&Tensor> = scale.into_iter().collect();
-    rows.extend([bn.weight, bn.bias]);
-    if !train {
-        rows.extend([&running_mean, &running_var]);
-    }
-    let params = param_table(bias, &rows, weight)?;
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let saved = Arc::new(Saved::default());
-    let op = LinearBatchNormOp {
-        epilogue,
-        rows: ParamRows::batch_norm(&epilogue, train),
-        eps: bn.eps,
-        train,
-        precision,
-        keep_preactivation: needs_grad(&[&x, &weight, &params]),
-        saved: saved.clone(),
-    };
-    let y = x.apply_op3_arc(&weight, &params, Arc::new(Box::new(op)))?;
-    let stats = if train {
-        let stats = saved.stats()?;
-        Some(BatchStats {
+}
+
+impl Saved {
+    /// The batch statistics that a train-mode forward kept, as [`BatchStats`].
+    fn batch_stats(&self, train: bool) -> Result<Option<BatchStats>> {
+        if !train {
+            return Ok(None);
+        }
+        let stats = self.stats()?;
+        Ok(Some(BatchStats {
             mean: stats.get(0)?,
             var: stats.get(1)?,
-        })
-    } else {
-        None
-    };
-    Ok((y, stats))
+        }))
+    }
 }
 
 impl LinearBatchNormOp {
@@ -277,7 +345,7 @@ impl CustomOp3 for LinearBatchNormOp {
             )?,
             device => autograd::unsupported_device(self.name(), device)?,
         };
-        let (dx, dw) = autograd::input_and_weight_grads(&dz, x, w)?;
+        let (dx, dw) = autograd::input_and_weight_grads(&dz, x, w, self.precision)?;
         Ok((Some(dx), Some(dw), Some(dparams)))
     }
 }

@@ -1,18 +1,19 @@
 //! `y = epilogue(x·Wᵀ + b)` as a `CustomOp3` over `(x, weight, params)`.
 
 use super::autograd::{self, Saved};
-use super::{check_linear_operands, needs_grad, param_table, scale_operand, ParamRows, Precision};
+use super::trace::{linear_targets, Graph, Trace};
+use super::{check_linear_operands, param_table, scale_operand, ParamRows, Precision};
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use std::sync::Arc;
 
 /// The fused linear op. One instance serves one forward call and its backward: it holds what
 /// the forward kept for the backward.
 struct FusedLinearOp {
     epilogue: Epilogue,
     rows: ParamRows,
-    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
     precision: Precision,
     /// Whether the forward keeps the pre-activation (some input tracks gradients and the
     /// epilogue's derivative depends on `z`).
@@ -39,24 +40,78 @@ pub fn fused_linear(
     epilogue: Epilogue,
     precision: Precision,
 ) -> Result<Tensor> {
-    const OP: &str = "fused_linear";
-    let mut vectors = Vec::new();
-    if let Some(b) = bias {
-        vectors.push(("bias", b));
+    let call = LinearCall::new(x, weight, bias, scale, epilogue, precision, Graph::Autograd)?;
+    call.x.apply_op3_arc(&call.weight, &call.params, call.op)
+}
+
+/// [`fused_linear`] outside Candle's autograd graph, with a [`Trace`] of the call whose
+/// [`backward`](Trace::backward) returns the gradients of `x`, `weight`, `bias` and `scale`
+/// directly. The forward keeps the pre-activation whenever the epilogue's derivative needs it.
+pub fn fused_linear_traced(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    scale: Option<&Tensor>,
+    epilogue: Epilogue,
+    precision: Precision,
+) -> Result<(Tensor, Trace)> {
+    let call = LinearCall::new(x, weight, bias, scale, epilogue, precision, Graph::Traced)?;
+    let y = call
+        .x
+        .apply_op3_arc(&call.weight, &call.params, call.op.clone())?;
+    let targets = linear_targets(x, weight, bias, scale, &call.rows);
+    let trace = Trace::new(call.op, [call.x, call.weight, call.params], &y, targets);
+    Ok((y, trace))
+}
+
+/// A checked fused-linear call, ready to apply: the op and its three operands.
+struct LinearCall {
+    op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
+    rows: ParamRows,
+    x: Tensor,
+    weight: Tensor,
+    params: Tensor,
+}
+
+impl LinearCall {
+    fn new(
+        x: &Tensor,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+        scale: Option<&Tensor>,
+        epilogue: Epilogue,
+        precision: Precision,
+        graph: Graph,
+    ) -> Result<Self> {
+        const OP: &str = "fused_linear";
+        let mut vectors = Vec::new();
+        if let Some(b) = bias {
+            vectors.push(("bias", b));
+        }
+        vectors.extend(scale_operand(OP, &epilogue, scale)?);
+        check_linear_operands(OP, x, weight, &vectors)?;
+        let [x, weight] = graph.operands([x, weight]);
+        let bias = bias.map(|b| graph.operand(b));
+        let scale: Vec<Tensor> = scale.map(|s| graph.operand(s)).into_iter().collect();
+        let params = param_table(bias.as_ref(), &scale.iter().collect::<Vec<_>>(), &weight)?;
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        let rows = ParamRows::linear(&epilogue);
+        let op = FusedLinearOp {
+            epilogue,
+            rows,
+            precision,
+            keep_preactivation: graph.keeps_for_backward(&[&x, &weight, &params])
+                && epilogue.backward_needs_preactivation(),
+            saved: Saved::default(),
+        };
+        Ok(Self {
+            op: Arc::new(Box::new(op)),
+            rows,
+            x,
+            weight,
+            params,
+        })
     }
-    vectors.extend(scale_operand(OP, &epilogue, scale)?);
-    check_linear_operands(OP, x, weight, &vectors)?;
-    let params = param_table(bias, &scale.into_iter().collect::<Vec<_>>(), weight)?;
-    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-    let op = FusedLinearOp {
-        epilogue,
-        rows: ParamRows::linear(&epilogue),
-        precision,
-        keep_preactivation: needs_grad(&[&x, &weight, &params])
-            && epilogue.backward_needs_preactivation(),
-        saved: Saved::default(),
-    };
-    x.apply_op3_arc(&weight, &params, std::sync::Arc::new(Box::new(op)))
 }
 
 impl FusedLinearOp {
@@ -171,7 +226,7 @@ impl CustomOp3 for FusedLinearOp {
             }
             device => autograd::unsupported_device(self.name(), device)?,
         };
-        let (dx, dw) = autograd::input_and_weight_grads(&dz, x, w)?;
+        let (dx, dw) = autograd::input_and_weight_grads(&dz, x, w, self.precision)?;
         Ok((Some(dx), Some(dw), Some(dparams)))
     }
 }

@@ -12,19 +12,31 @@
 //! parameters (see [`ParamRows`]). Stacking keeps the op at three inputs while Candle's autograd
 //! routes each row of the table's gradient back to the tensor it came from.
 //!
-//! **What the forward keeps for the backward.** Only when some input tracks gradients, the op
-//! keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in the input dtype), because
-//! every derivative of the epilogue is a pointwise function of `z` and recomputing it would
-//! cost a second GEMM. When the epilogue is `z * constant` nothing is kept. The BatchNorm op
-//! also keeps its `(2, out)` statistics (mean and biased variance). In inference nothing extra is
-//! kept or written.
+//! **Two ways to the gradients.** Under Candle's autograd ([`fused_linear`],
+//! [`fused_linear_batch_norm`] with operands that track gradients, then `Tensor::backward`), or
+//! through a [`Trace`] ([`fused_linear_traced`], [`fused_linear_batch_norm_traced`]), whose
+//! backward returns the gradients directly without Candle's gradient store. Both run the same
+//! fused backward: one kernel for the gradient at the pre-activation and the per-feature
+//! parameter gradients, then the input and weight products (on the GPU, cuBLAS in the op's
+//! precision).
+//!
+//! **What the forward keeps for the backward.** Only when some input tracks gradients (or the
+//! call is traced), the op keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in
+//! the input dtype), because every derivative of the epilogue is a pointwise function of `z` and
+//! recomputing it would cost a second GEMM. When the epilogue is `z * constant` nothing is kept.
+//! The BatchNorm op also keeps its `(2, out)` f32 statistics (mean and biased variance). In
+//! inference nothing extra is kept or written.
 
 mod autograd;
 mod batch_norm;
 mod linear;
+mod trace;
 
-pub use batch_norm::{fused_linear_batch_norm, BatchNormParams, BatchStats};
-pub use linear::fused_linear;
+pub use batch_norm::{
+    fused_linear_batch_norm, fused_linear_batch_norm_traced, BatchNormParams, BatchStats,
+};
+pub use linear::{fused_linear, fused_linear_traced};
+pub use trace::Trace;
 
 use crate::epilogue::Epilogue;
 use candle_core::{bail, DType, Device, Result, Tensor};
@@ -203,9 +215,4 @@ fn param_table(bias: Option<&Tensor>, rest: &[&Tensor], like: &Tensor) -> Result
     // Stacking a single row is a view of it, strided when the bias is: the kernels need a
     // contiguous table.
     Tensor::stack(&rows, 0)?.contiguous()
-}
-
-/// Whether the op must keep what its backward needs: exactly when Candle records the op.
-fn needs_grad(inputs: &[&Tensor]) -> bool {
-    inputs.iter().any(|t| t.track_op())
 }

@@ -1,0 +1,63 @@
+//! The `train` example as a user runs it: it fine-tunes each shipped model, lowers the loss,
+//! and writes a checkpoint that the crate loads back with changed parameters.
+
+mod common;
+use candle_core::{DType, Device};
+use candle_fused::Checkpoint;
+use common::to_f64;
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The example's binary, which `cargo test` builds next to the test binaries.
+fn train_binary() -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let profile_dir = deps.parent().and_then(|d| d.parent()).unwrap();
+    profile_dir.join("examples").join("train")
+}
+
+/// Every `loss <value>` the progress display printed, in order.
+fn losses(progress: &str) -> Vec<f64> {
+    progress
+        .split(['\r', '\n'])
+        .filter_map(|line| line.split(" loss ").nth(1))
+        .filter_map(|rest| rest.split_whitespace().next()?.parse().ok())
+        .collect()
+}
+
+#[test]
+fn train_lowers_the_loss_and_saves_a_loadable_checkpoint() {
+    let binary = train_binary();
+    assert!(binary.exists(), "{} is not built", binary.display());
+    for model in ["swish_scale", "scale_batchnorm", "sigmoid_residual"] {
+        let dir = format!("{}/models/{model}", env!("CARGO_MANIFEST_DIR"));
+        let out =
+            std::env::temp_dir().join(format!("candle-fused-train-{model}-{}", std::process::id()));
+        let run = Command::new(&binary)
+            .args([
+                &dir, "--steps", "60", "--lr", "3e-3", "--device", "cpu", "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert!(run.status.success(), "{model}: train failed: {stderr}");
+        let seen = losses(&stderr);
+        assert!(seen.len() >= 2, "{model}: no progress in {stderr:?}");
+        let (first, last) = (seen[0], seen[seen.len() - 1]);
+        assert!(last < 0.9 * first, "{model}: loss {first} -> {last}");
+
+        let before = Checkpoint::from_dir(&dir).unwrap();
+        let after = Checkpoint::from_dir(&out).unwrap();
+        assert_eq!(after.config, before.config, "{model}");
+        let model_after = after.load_model(DType::F32, &Device::Cpu).unwrap();
+        let model_before = before.load_model(DType::F32, &Device::Cpu).unwrap();
+        for ((name, a), (_, b)) in model_after
+            .parameters()
+            .iter()
+            .zip(model_before.parameters())
+        {
+            assert_ne!(to_f64(a), to_f64(&b), "{model}: {name} did not change");
+        }
+        std::fs::remove_dir_all(&out).unwrap();
+    }
+}
