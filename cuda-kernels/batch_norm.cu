@@ -65,4 +65,29 @@ cudaError_t batch_norm_train_finalize(const FusedLinearArgs& a, int64_t row_tile
   });
 }
 
+// BatchNorm's running-statistics update, one thread per feature:
+// running = (1 − factor)·running + factor·weight·batch, computed in f32 and rounded once to the
+// buffer's type. It replaces the convert/scale/add/convert chain of a framework-level update
+// with one launch per buffer.
+template <class T>
+__global__ void batch_norm_update_running_kernel(T* running, const float* batch, int64_t n, float factor,
+                                                 float weight) {
+  const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= n) return;
+  running[c] = from_float<T>((1.f - factor) * to_float(running[c]) + factor * weight * batch[c]);
+}
+
 }  // namespace fused
+
+extern "C" cudaError_t batch_norm_update_running(void* running, const float* batch, int64_t n, int32_t dtype,
+                                                 float factor, float weight, cudaStream_t stream) {
+  if (n <= 0 || running == nullptr || batch == nullptr) return cudaErrorInvalidValue;
+  constexpr int threads = 256;
+  const unsigned blocks = unsigned(fused::ceil_div(n, threads));
+  return fused::with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    fused::batch_norm_update_running_kernel<T>
+        <<<blocks, threads, 0, stream>>>(static_cast<T*>(running), batch, n, factor, weight);
+    return cudaGetLastError();
+  });
+}

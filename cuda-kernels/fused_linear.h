@@ -71,6 +71,12 @@ int64_t fused_backward_workspace_floats(const FusedBackwardArgs* args);
 // dz = g * d epilogue/dz (through the BatchNorm when batch_norm != NONE) and dparams.
 cudaError_t fused_backward(const FusedBackwardArgs* args, cudaStream_t stream);
 
+// BatchNorm's running-statistics update over n features: running = (1 − factor)·running +
+// factor·weight·batch, with running of type `dtype` (updated in place) and batch the f32
+// statistic of fused_linear_forward (weight = n/(n − 1) makes the biased variance unbiased).
+cudaError_t batch_norm_update_running(void* running, const float* batch, int64_t n, int32_t dtype, float factor,
+                                      float weight, cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

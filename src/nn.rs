@@ -362,18 +362,7 @@ impl ScaleBatchNorm {
             .lock()
             .map_err(|_| candle_core::Error::Msg("ScaleBatchNorm: state poisoned".into()))?;
         let factor = self.momentum.unwrap_or(1.0 / (*seen + 1) as f64);
-        // running = (1 - factor) * running + factor * weight * batch statistic, in the dtype of
-        // the statistics (f32, or f64 for f64 models), on the device.
-        let blend = |running: &Var, batch_value: &Tensor, weight: f64| -> Result<()> {
-            let old = running.as_tensor().to_dtype(batch_value.dtype())?;
-            let new =
-                (old.affine(1.0 - factor, 0.0)? + batch_value.affine(factor * weight, 0.0)?)?;
-            running.set(&new.to_dtype(running.dtype())?)
-        };
-        let n = batch as f64;
-        blend(&self.running_mean, &stats.mean, 1.0)?;
-        // PyTorch's running variance takes the unbiased batch variance.
-        blend(&self.running_var, &stats.var, n / (n - 1.0))?;
+        stats.update_running(&self.running_mean, &self.running_var, factor, batch)?;
         self.num_batches_tracked
             .set(&self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?)?;
         *seen += 1;

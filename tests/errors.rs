@@ -3,10 +3,11 @@
 //! the inputs that are merely laid out differently (non-contiguous) are accepted.
 
 mod common;
-use candle_core::{DType, Device, Module, ModuleT, Result, Tensor};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_fused::{
-    fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Epilogue, FusedLinear,
-    Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale, TracedModuleT,
+    fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, BatchStats, Epilogue,
+    FusedLinear, Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale,
+    TracedModuleT,
 };
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_err, to_f64};
@@ -879,4 +880,36 @@ fn trace_backward_rejects_a_mismatched_output_gradient() {
         }
         assert!(first.get(&x).is_some());
     }
+}
+
+#[test]
+fn running_statistics_update_rejects_bad_arguments() {
+    let dev = &Device::Cpu;
+    let stats = BatchStats {
+        mean: Tensor::new(&[1f32, 2.0, 3.0], dev).unwrap(),
+        var: Tensor::new(&[4f32, 5.0, 6.0], dev).unwrap(),
+    };
+    let mean = Var::from_tensor(&Tensor::zeros(3, DType::F32, dev).unwrap()).unwrap();
+    let var = Var::from_tensor(&Tensor::ones(3, DType::F32, dev).unwrap()).unwrap();
+    let short = Var::from_tensor(&Tensor::ones(2, DType::F32, dev).unwrap()).unwrap();
+    assert_err(
+        stats.update_running(&mean, &var, 1.5, 8),
+        &["factor must be in [0, 1]", "1.5"],
+    );
+    assert_err(
+        stats.update_running(&mean, &var, 0.1, 1),
+        &["batch of at least 2"],
+    );
+    assert_err(
+        stats.update_running(&mean, &short, 0.1, 8),
+        &["running_var has shape [2]", "[3]"],
+    );
+    // And a valid update is PyTorch's: momentum blend, unbiased variance for the running one.
+    stats.update_running(&mean, &var, 0.1, 4).unwrap();
+    assert_eq!(to_f64(&mean), [0.1, 0.2, 0.3].map(|v: f64| v as f32 as f64));
+    let expected: Vec<f64> = [4.0, 5.0, 6.0]
+        .iter()
+        .map(|v: &f64| (0.9 + 0.1 * v * 4.0 / 3.0) as f32 as f64)
+        .collect();
+    assert_eq!(to_f64(&var), expected);
 }

@@ -105,6 +105,16 @@ extern "C" {
     pub(crate) fn fused_backward_workspace_floats(args: *const FusedBackwardArgs) -> i64;
     /// The epilogue (and BatchNorm) backward on `stream`; returns a `cudaError_t`.
     pub(crate) fn fused_backward(args: *const FusedBackwardArgs, stream: *mut c_void) -> c_int;
+    /// BatchNorm's running-statistics update of one buffer, in place on `stream`.
+    pub(crate) fn batch_norm_update_running(
+        running: *mut c_void,
+        batch: *const f32,
+        n: i64,
+        dtype: i32,
+        factor: f32,
+        weight: f32,
+        stream: *mut c_void,
+    ) -> c_int;
     /// The CUDA runtime's description of an error code.
     pub(crate) fn cudaGetErrorString(error: c_int) -> *const c_char;
 }

@@ -19,6 +19,9 @@ use candle_core::{bail, CudaDevice, CudaStorage, DType, Result};
 use crate::epilogue::Epilogue;
 use crate::ops::Precision;
 
+/// A contiguous operand: its storage and the offset of its first element.
+pub(crate) type Operand<'a> = (&'a CudaStorage, usize);
+
 /// A fused linear problem on the GPU: contiguous operands, element offsets into their storage.
 pub(crate) struct LinearProblem<'a> {
     /// `x` (m, k) and its offset in elements.
@@ -297,13 +300,16 @@ fn backward(
 /// The products of a linear layer's backward, `dx = dz·W` (m, k) and `dW = dzᵀ·x` (n, k), on
 /// cuBLAS with the compute type that the dtype and `precision` ask for: fp32 FMA for exact f32
 /// (fp32-accurate), TF32 tensor cores for [`Precision::Tf32`], f32 accumulation for f16 and
-/// bf16. Candle's global reduced-precision switches play no part.
+/// bf16. Candle's global reduced-precision switches play no part. `transposed_copies`, if
+/// given, are `dzᵀ` (n, m) and `xᵀ` (k, m), contiguous: the weight gradient then reads both
+/// operands along the contraction, the layout that TF32 tensor cores take without a transpose.
 pub(crate) fn linear_input_and_weight_grads(
     dz: (&CudaStorage, usize),
     x: (&CudaStorage, usize),
     w: (&CudaStorage, usize),
     (m, n, k): (usize, usize, usize),
     precision: Precision,
+    transposed_copies: Option<(Operand, Operand)>,
 ) -> Result<(CudaStorage, CudaStorage)> {
     use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
     const OP: &str = "fused_linear backward GEMM";
@@ -350,47 +356,118 @@ pub(crate) fn linear_input_and_weight_grads(
         let (wp, _gw) = input_ptr(w.0, w.1, n * k, &stream, "w")?;
         let (dxp, _gdx) = output_ptr(&mut dx, &stream)?;
         let (dwp, _gdw) = output_ptr(&mut dw, &stream)?;
+        let k_major = match transposed_copies {
+            Some(((dz_t, dz_o), (x_t, x_o))) => Some((
+                input_ptr(dz_t, dz_o, m * n, &stream, "grad, transposed")?,
+                input_ptr(x_t, x_o, m * k, &stream, "x, transposed")?,
+            )),
+            None => None,
+        };
         let (no, transposed) = (
             sys::cublasOperation_t::CUBLAS_OP_N,
             sys::cublasOperation_t::CUBLAS_OP_T,
         );
         let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
         // cuBLAS is column-major: a row-major (r, c) matrix is its (c, r) transpose there.
-        // C (rows, cols) = A (rows, inner) · op(B), all column-major with leading dimensions
-        // `rows` for A and C and `ldb` for B.
-        let product = |transb, (rows, cols, inner): (c_int, c_int, c_int), a, b, ldb, c| {
-            // SAFETY: every pointer is a live device allocation of the extent checked above,
-            // the handle runs on candle's stream, and the guards order the accesses on it.
-            unsafe {
-                gemm_ex(
-                    *blas.handle(),
-                    no,
-                    transb,
-                    rows,
-                    cols,
-                    inner,
-                    one,
-                    a,
-                    element,
-                    rows,
-                    b,
-                    element,
-                    ldb,
-                    zero,
-                    c,
-                    element,
-                    rows,
-                    compute,
-                    algo,
-                )
-            }
-        };
-        // dxᵀ (k, m) = Wᵀ (k, n) · dzᵀ (n, m);  dWᵀ (k, n) = xᵀ (k, m) · dz (m, n).
-        product(no, (ki, mi, ni), wp, dzp, ni, dxp)
-            .and_then(|()| product(transposed, (ki, ni, mi), xp, dzp, ni, dwp))
+        // C (rows, cols) = op(A) · op(B), each operand given as (op, pointer, leading dimension),
+        // C with leading dimension `rows`.
+        let product =
+            |(rows, cols, inner): (c_int, c_int, c_int), (transa, a, lda), (transb, b, ldb), c| {
+                // SAFETY: every pointer is a live device allocation of the extent checked above,
+                // the handle runs on candle's stream, and the guards order the accesses on it.
+                unsafe {
+                    gemm_ex(
+                        *blas.handle(),
+                        transa,
+                        transb,
+                        rows,
+                        cols,
+                        inner,
+                        one,
+                        a,
+                        element,
+                        lda,
+                        b,
+                        element,
+                        ldb,
+                        zero,
+                        c,
+                        element,
+                        rows,
+                        compute,
+                        algo,
+                    )
+                }
+            };
+        // dxᵀ (k, m) = Wᵀ (k, n) · dzᵀ (n, m); then dWᵀ (k, n) = xᵀ (k, m) · dz (m, n), from
+        // the transposed copies when given, so that both operands run along the contraction.
+        product((ki, mi, ni), (no, wp, ki), (no, dzp, ni), dxp)
+            .and_then(|()| match &k_major {
+                Some(((dz_t, _), (x_t, _))) => {
+                    product((ki, ni, mi), (transposed, *x_t, mi), (no, *dz_t, mi), dwp)
+                }
+                None => product((ki, ni, mi), (no, xp, ki), (transposed, dzp, ni), dwp),
+            })
             .map_err(|e| candle_core::Error::Cuda(format!("candle-fused {OP}: {e:?}").into()))?;
     }
     Ok((dx, dw))
+}
+
+/// BatchNorm's running-statistics update of one buffer, in place on the device:
+/// `running = (1 − factor)·running + factor·weight·batch` over `n` features, `running` of the
+/// model's dtype at element `running.1`, `batch` the f32 statistic at element `batch.1`.
+pub(crate) fn batch_norm_update_running(
+    running: (&mut CudaStorage, usize),
+    batch: (&CudaStorage, usize),
+    n: usize,
+    factor: f64,
+    weight: f64,
+) -> Result<()> {
+    const OP: &str = "batch_norm_update_running";
+    if batch.0.dtype() != DType::F32 {
+        bail!(
+            "{OP}: the batch statistic must be f32, got {:?}",
+            batch.0.dtype()
+        );
+    }
+    let dtype = ffi_dtype(running.0.dtype())?;
+    let stream = batch.0.device().cuda_stream();
+    let (bp, _gb) = input_ptr(batch.0, batch.1, n, &stream, "batch statistic")?;
+    let (start, capacity) = (running.1, storage_len(running.0));
+    if start.checked_add(n).is_none_or(|end| end > capacity) {
+        bail!(
+            "{OP}: the running buffer needs elements [{start}, {start} + {n}) but holds {capacity}"
+        );
+    }
+    let element = running.0.dtype().size_in_bytes();
+    let (rp, _gr) = output_ptr(running.0, &stream)?;
+    bind(&stream, OP)?;
+    // SAFETY: both ranges were checked against their allocations; the guards order the
+    // accesses on candle's stream.
+    check(
+        unsafe {
+            ffi::batch_norm_update_running(
+                (rp as *mut u8).add(start * element).cast(),
+                bp as *const f32,
+                n as i64,
+                dtype,
+                factor as f32,
+                weight as f32,
+                stream.cu_stream() as *mut c_void,
+            )
+        },
+        OP,
+    )
+}
+
+/// Elements in a storage's allocation.
+fn storage_len(s: &CudaStorage) -> usize {
+    match &s.slice {
+        CudaStorageSlice::F32(v) => v.len(),
+        CudaStorageSlice::F16(v) => v.len(),
+        CudaStorageSlice::BF16(v) => v.len(),
+        _ => 0,
+    }
 }
 
 /// The common dtype of the operands, which must be f32, f16 or bf16.

@@ -6,7 +6,9 @@ use super::{check_linear_operands, param_table, scale_operand, ParamRows, Precis
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{
+    CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Result, Shape, Storage, Tensor, Var,
+};
 use std::sync::Arc;
 
 /// BatchNorm1d's parameters and buffers, each of shape `(out,)` and the input's dtype.
@@ -31,6 +33,130 @@ pub struct BatchStats {
     pub mean: Tensor,
     /// The per-feature *biased* variance over the batch (what the normalisation divides by).
     pub var: Tensor,
+}
+
+impl BatchStats {
+    /// PyTorch's running-statistics update after a train-mode batch of `batch` rows, in place:
+    /// `running_mean ← (1 − factor)·running_mean + factor·mean` and
+    /// `running_var ← (1 − factor)·running_var + factor·var·batch/(batch − 1)` (the unbiased
+    /// variance). `factor` is BatchNorm's momentum, or `1/(batches seen + 1)` for its cumulative
+    /// average. On the GPU each buffer is one kernel launch in f32; on the CPU the arithmetic is
+    /// f64. Either way the result is rounded once to the buffer's dtype.
+    pub fn update_running(
+        &self,
+        running_mean: &Var,
+        running_var: &Var,
+        factor: f64,
+        batch: usize,
+    ) -> Result<()> {
+        const OP: &str = "BatchStats::update_running";
+        if !(0.0..=1.0).contains(&factor) {
+            candle_core::bail!("{OP}: factor must be in [0, 1], got {factor}");
+        }
+        if batch < 2 {
+            candle_core::bail!(
+                "{OP}: the unbiased variance needs a batch of at least 2, got {batch}"
+            );
+        }
+        let n = batch as f64;
+        let updates = [
+            ("running_mean", running_mean, &self.mean, 1.0),
+            ("running_var", running_var, &self.var, n / (n - 1.0)),
+        ];
+        // Every check before any write: a rejected call leaves both buffers as they were.
+        for (name, running, statistic, _) in updates {
+            if running.dims() != statistic.dims() {
+                candle_core::bail!(
+                    "{OP}: {name} has shape {:?} but the batch statistic has {:?}",
+                    running.dims(),
+                    statistic.dims()
+                );
+            }
+            if !running.device().same_device(statistic.device()) {
+                candle_core::bail!("{OP}: {name} is on another device than the batch statistics");
+            }
+            if !running.dtype().is_float() {
+                candle_core::bail!(
+                    "{OP}: {name} must be a float buffer, got {:?}",
+                    running.dtype()
+                );
+            }
+        }
+        for (_, running, statistic, weight) in updates {
+            running.inplace_op2(statistic, &RunningUpdate { factor, weight })?;
+        }
+        Ok(())
+    }
+}
+
+/// `running = (1 − factor)·running + factor·weight·batch`, in place on the running buffer.
+struct RunningUpdate {
+    factor: f64,
+    weight: f64,
+}
+
+impl RunningUpdate {
+    fn blend<T: num_traits::Float>(&self, running: &mut [T], batch: &[f64]) {
+        for (r, &b) in running.iter_mut().zip(batch) {
+            let value = (1.0 - self.factor) * r.to_f64().unwrap_or(f64::NAN)
+                + self.factor * self.weight * b;
+            *r = T::from(value).unwrap_or(T::nan());
+        }
+    }
+}
+
+impl InplaceOp2 for RunningUpdate {
+    fn name(&self) -> &'static str {
+        "batch-norm-running-update"
+    }
+
+    fn cpu_fwd(
+        &self,
+        running: &mut CpuStorage,
+        running_l: &Layout,
+        batch: &CpuStorage,
+        batch_l: &Layout,
+    ) -> Result<()> {
+        let batch: Vec<f64> = match batch {
+            CpuStorage::F64(_) => f64::slice(batch, batch_l)?.into_owned(),
+            _ => f32::slice(batch, batch_l)?
+                .iter()
+                .map(|&v| v as f64)
+                .collect(),
+        };
+        let Some((start, end)) = running_l.contiguous_offsets() else {
+            candle_core::bail!("{}: the running buffer is not contiguous", self.name())
+        };
+        match running {
+            CpuStorage::F32(v) => self.blend(&mut v[start..end], &batch),
+            CpuStorage::F64(v) => self.blend(&mut v[start..end], &batch),
+            CpuStorage::F16(v) => self.blend(&mut v[start..end], &batch),
+            CpuStorage::BF16(v) => self.blend(&mut v[start..end], &batch),
+            other => candle_core::bail!(
+                "{}: unsupported running-buffer dtype {:?}",
+                self.name(),
+                other.dtype()
+            ),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        running: &mut candle_core::CudaStorage,
+        running_l: &Layout,
+        batch: &candle_core::CudaStorage,
+        batch_l: &Layout,
+    ) -> Result<()> {
+        crate::cuda::batch_norm_update_running(
+            (running, autograd::contiguous_start(running_l)?),
+            (batch, autograd::contiguous_start(batch_l)?),
+            running_l.shape().elem_count(),
+            self.factor,
+            self.weight,
+        )
+    }
 }
 
 struct LinearBatchNormOp {
