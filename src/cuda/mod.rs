@@ -433,12 +433,8 @@ pub(crate) fn batch_norm_update_running(
     let dtype = ffi_dtype(running.0.dtype())?;
     let stream = batch.0.device().cuda_stream();
     let (bp, _gb) = input_ptr(batch.0, batch.1, n, &stream, "batch statistic")?;
-    let (start, capacity) = (running.1, storage_len(running.0));
-    if start.checked_add(n).is_none_or(|end| end > capacity) {
-        bail!(
-            "{OP}: the running buffer needs elements [{start}, {start} + {n}) but holds {capacity}"
-        );
-    }
+    let start = running.1;
+    check_extent("the running buffer", start, n, storage_len(running.0))?;
     let element = running.0.dtype().size_in_bytes();
     let (rp, _gr) = output_ptr(running.0, &stream)?;
     bind(&stream, OP)?;
@@ -458,6 +454,16 @@ pub(crate) fn batch_norm_update_running(
         },
         OP,
     )
+}
+
+/// Errors unless elements `[offset, offset + len)` lie within an allocation of `capacity`.
+fn check_extent(name: &str, offset: usize, len: usize, capacity: usize) -> Result<()> {
+    if offset.checked_add(len).is_none_or(|end| end > capacity) {
+        bail!(
+            "fused_linear: {name} needs elements [{offset}, {offset} + {len}) but its storage holds {capacity}"
+        );
+    }
+    Ok(())
 }
 
 /// Elements in a storage's allocation.
@@ -535,12 +541,7 @@ fn input_ptr<'a>(
         stream: &'a CudaStream,
         name: &str,
     ) -> Result<(*const c_void, SyncOnDrop<'a>)> {
-        if offset.checked_add(len).is_none_or(|end| end > slice.len()) {
-            bail!(
-                "fused_linear: {name} needs elements [{offset}, {offset} + {len}) but its storage holds {}",
-                slice.len()
-            );
-        }
+        check_extent(name, offset, len, slice.len())?;
         let (ptr, guard) = slice.device_ptr(stream);
         let addr = ptr + (offset * std::mem::size_of::<T>()) as u64;
         Ok((addr as *const c_void, guard))
