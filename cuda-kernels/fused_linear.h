@@ -2,7 +2,7 @@
 //
 // Every operand is contiguous and row-major; x is (m, k), w is (n, k) (the PyTorch Linear
 // layout), params is (rows, n) with the rows bias, [scale], [gamma, beta, [running_mean,
-// running_var]]. All launches go on the caller's stream; every entry point returns the first
+// running_var]], or NULL for a product without bias, scale or BatchNorm (y = act(x·wᵀ) * scale). All launches go on the caller's stream; every entry point returns the first
 // CUDA error it meets (cudaSuccess otherwise) and never synchronises.
 #pragma once
 
@@ -76,6 +76,10 @@ cudaError_t fused_backward(const FusedBackwardArgs* args, cudaStream_t stream);
 // statistic of fused_linear_forward (weight = n/(n − 1) makes the biased variance unbiased).
 cudaError_t batch_norm_update_running(void* running, const float* batch, int64_t n, int32_t dtype, float factor,
                                       float weight, cudaStream_t stream);
+
+// out (cols, rows) = in (rows, cols)ᵀ, both contiguous, elements of type `dtype`.
+cudaError_t fused_transpose(const void* in, void* out, int64_t rows, int64_t cols, int32_t dtype,
+                            cudaStream_t stream);
 
 #ifdef __cplusplus
 }

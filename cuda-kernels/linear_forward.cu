@@ -311,7 +311,8 @@ __device__ __forceinline__ ColumnEpilogue load_column(const FusedLinearArgs& a, 
   if (c >= a.n) return ColumnEpilogue{0.f, 0.f, no_batch_norm()};
   const T* p = static_cast<const T*>(a.params);
   const int64_t n = a.n;
-  ColumnEpilogue e{to_float(p[c]), a.has_scale ? to_float(p[n + c]) : a.scale, no_batch_norm()};
+  ColumnEpilogue e{p != nullptr ? to_float(p[c]) : 0.f, a.has_scale ? to_float(p[n + c]) : a.scale,
+                   no_batch_norm()};
   if (a.batch_norm == FUSED_BN_EVAL) {
     const int64_t r = 1 + a.has_scale;  // gamma, beta, running_mean, running_var
     e.bn = batch_norm_fold(to_float(p[(r + 2) * n + c]), to_float(p[(r + 3) * n + c]), to_float(p[r * n + c]),
@@ -573,8 +574,9 @@ extern "C" cudaError_t fused_linear_forward(const FusedLinearArgs* a, cudaStream
     return cudaErrorInvalidValue;
   }
   if (a->batch_norm != FUSED_BN_NONE && a->stats == nullptr) return cudaErrorInvalidValue;
+  if (a->params == nullptr && (a->has_scale || a->batch_norm != FUSED_BN_NONE)) return cudaErrorInvalidValue;
   if (a->batch_norm == FUSED_BN_TRAIN && a->workspace == nullptr) return cudaErrorInvalidValue;
-  // Hopper first: the wgmma/TMA kernel takes the aligned 16-bit and TF32 problems.
+  // Hopper first: the wgmma/TMA kernel takes the aligned problems.
   cudaError_t sm90_status;
   if (linear_forward_sm90(*a, stream, &sm90_status)) return sm90_status;
   FUSED_TRY(with_dtype(a->dtype, [&](auto tag) {

@@ -10,10 +10,12 @@
 // store of y, as in the portable kernel.
 //
 // What it takes (anything else returns false and the portable kernel runs):
-//   - bf16 and f16, and f32 with one TF32 product (tf32 == 1); exact f32 (3xTF32) stays portable;
+//   - bf16 and f16; f32 with one TF32 product (tf32 == 1), and exact f32 as three TF32 products
+//     on split operands (split_tf32_sm90.cuh);
 //   - k % 8 == 0 and n % 8 == 0, x, w, y and z 16-byte aligned: TMA moves 16-byte aligned rows;
 //   - every activation, scale and residual, with z kept or not; BatchNorm none, eval (given 2n
-//     floats of workspace, linear_sm90_workspace_floats) and train;
+//     floats of workspace, linear_sm90_workspace_floats) and train; no params at all (a plain
+//     product, as the backward's are);
 //   - a device of compute capability 9.0 running this file's sm_90a code.
 //
 // The epilogue tree, leaves first (every node computes in f32):
@@ -23,7 +25,8 @@
 //   y = u * f_j + d_j                              f, d: the folded eval BatchNorm, or 1 and 0
 // Absent vectors are null pointers that CUTLASS reads as constants, and the activation and the
 // residual are run-time arguments, so one GEMM per element type and tile configuration serves
-// every epilogue: six instantiations in all (three element types, two batch regimes).
+// every epilogue: eight instantiations in all (three element types and exact f32, two batch
+// regimes).
 //
 // BatchNorm: eval folds into the last node, f = γ/sqrt(rv + eps) and d = β − rm·f, computed by a
 // small kernel before the GEMM (which also writes the running statistics to `stats`, as the
@@ -35,6 +38,7 @@
 
 #include "common.cuh"
 #include "epilogue.cuh"
+#include "split_tf32_sm90.cuh"
 
 #if defined(FUSED_SM90)
 
@@ -218,6 +222,10 @@ struct LinearEpilogue {
 //     depth. Two cooperative warpgroups share a 128x256 tile (128 tiles for the 132 SMs at
 //     n = 32768); a 128x16 epilogue subtile halves the shared memory that stages y and z, which
 //     buys a fourth 16-bit stage; f32 takes 64-byte k steps (seven stages instead of three).
+//   - Exact f32 (three products on split operands), either batch: cooperative 128x128 tiles,
+//     whose two accumulators per thread (the running sum and the k step's part) fit in
+//     registers where 128x256's would not; 128-byte k steps, as many stages as fit with their
+//     split copies; clusters as above.
 struct Cooperative {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
@@ -228,17 +236,42 @@ struct PingPong {
   using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
   static constexpr int tile_n = 128;
 };
+struct SplitCooperative {  // the exact f32 tile
+  using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
+  using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
+  static constexpr int tile_n = 128;
+};
 
-template <class ScheduleKind, class ClusterShape, class EpilogueTileShape, int KBytes>
+// How the mainloop multiplies: once, in the operands' own type (TF32 for f32) ...
+struct OneProduct {
+  template <class T, class CtaTile, class Cluster, int EpilogueBytes, class Schedule>
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, cutlass::layout::RowMajor, 16 / sizeof(T), T,
+      cutlass::layout::ColumnMajor, 16 / sizeof(T), float, CtaTile, Cluster,
+      cutlass::gemm::collective::StageCountAutoCarveout<EpilogueBytes>, Schedule>::CollectiveOp;
+};
+// ... or three times, on f32 operands split into TF32 pairs.
+struct ThreeProducts {
+  template <class T, class CtaTile, class Cluster, int EpilogueBytes, class Schedule>
+  using Mainloop = SplitTf32Mainloop<typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, cutlass::tfloat32_t, cutlass::layout::RowMajor, 4,
+      cutlass::tfloat32_t, cutlass::layout::ColumnMajor, 4, float, CtaTile, Cluster,
+      cutlass::gemm::collective::StageCount<split_tf32_stages<CtaTile>(EpilogueBytes)>, Schedule>::CollectiveOp>;
+};
+
+template <class ScheduleKind, class ClusterShape, class EpilogueTileShape, int KBytes, class ProductKind = OneProduct>
 struct TileConfig {
   using Schedule = ScheduleKind;
   using Cluster = ClusterShape;
   using EpilogueTile = EpilogueTileShape;
   static constexpr int k_bytes = KBytes;
+  using Product = ProductKind;
 };
 using WideBatch = TileConfig<PingPong, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
 template <class T>
 using NarrowBatch = TileConfig<Cooperative, Shape<_1, _2, _1>, Shape<_128, cute::_16>, sizeof(T) == 4 ? 64 : 128>;
+using ExactWideBatch = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_16>, 128, ThreeProducts>;
+using ExactNarrowBatch = TileConfig<SplitCooperative, Shape<_1, _2, _1>, Shape<_128, cute::_16>, 128, ThreeProducts>;
 constexpr int64_t NARROW_BATCH_ROWS = 128;
 
 template <class T, class Config>
@@ -260,12 +293,9 @@ struct Gemm {
       void, cutlass::layout::RowMajor, kAlign,  // no C operand
       T, cutlass::layout::RowMajor, kAlign, EpilogueSchedule, typename Tree::Y>::CollectiveOp;
 
-  using CollectiveMainloop = typename cutlass::gemm::collective::CollectiveBuilder<
-      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, T, cutlass::layout::RowMajor, kAlign, T,
-      cutlass::layout::ColumnMajor, kAlign, float, CtaTile, Cluster,
-      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(
-          sizeof(typename CollectiveEpilogue::SharedStorage))>,
-      MainloopSchedule>::CollectiveOp;
+  using CollectiveMainloop = typename Config::Product::template Mainloop<
+      T, CtaTile, Cluster, static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage)), MainloopSchedule>;
+  using Operand = typename CollectiveMainloop::ElementA;  // T, or tfloat32_t holding raw f32 bits
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
                                                       CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
@@ -282,8 +312,8 @@ struct Gemm {
     hw.sm_count = sm_count;
     return Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
                      {m, n, k, 1},
-                     {static_cast<const T*>(a.x), StrideA{a.k, _1{}, a.m * a.k}, static_cast<const T*>(a.w),
-                      StrideB{a.k, _1{}, a.n * a.k}},
+                     {static_cast<const Operand*>(a.x), StrideA{a.k, _1{}, a.m * a.k},
+                      static_cast<const Operand*>(a.w), StrideB{a.k, _1{}, a.n * a.k}},
                      {Tree::arguments(in), nullptr, StrideD{a.n, _1{}, a.m * a.n}, static_cast<T*>(a.y),
                       StrideD{a.n, _1{}, a.m * a.n}},
                      hw};
@@ -450,11 +480,12 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 
 // The checks that need no device: element type, shape, alignment, epilogue.
 bool takes_problem(const FusedLinearArgs& a) {
-  const bool element = a.dtype == FUSED_BF16 || a.dtype == FUSED_F16 || (a.dtype == FUSED_F32 && a.tf32 == 1);
+  const bool element = a.dtype == FUSED_BF16 || a.dtype == FUSED_F16 || a.dtype == FUSED_F32;
   const bool shape = a.m >= 1 && a.n >= 8 && a.k >= 8 && a.n % 8 == 0 && a.k % 8 == 0 && a.m <= INT32_MAX &&
                      a.n <= INT32_MAX && a.k <= INT32_MAX;
   const bool aligned = aligned16(a.x) && aligned16(a.w) && aligned16(a.y) && aligned16(a.z);
-  const bool epilogue = a.activation >= ACT_IDENTITY && a.activation <= ACT_TANH && a.params != nullptr;
+  const bool epilogue = a.activation >= ACT_IDENTITY && a.activation <= ACT_TANH &&
+                        (a.params != nullptr || (a.has_scale == 0 && a.batch_norm == FUSED_BN_NONE));
   const bool batch_norm = a.batch_norm == FUSED_BN_NONE ||
                           (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
                           (a.batch_norm == FUSED_BN_TRAIN && a.stats != nullptr && a.workspace != nullptr);
@@ -511,6 +542,12 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
 
 template <class T>
 bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
+  if constexpr (sizeof(T) == 4) {
+    if (a.tf32 == 0) {
+      return a.m <= NARROW_BATCH_ROWS ? run_config<T, ExactNarrowBatch>(a, device, sm_count, stream, status)
+                                      : run_config<T, ExactWideBatch>(a, device, sm_count, stream, status);
+    }
+  }
   return a.m <= NARROW_BATCH_ROWS ? run_config<T, NarrowBatch<T>>(a, device, sm_count, stream, status)
                                   : run_config<T, WideBatch>(a, device, sm_count, stream, status);
 }

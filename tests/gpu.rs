@@ -29,8 +29,9 @@ const MODES: [(DType, Precision, f64); 4] = [
     (DType::F16, Precision::Exact, 5e-3),
 ];
 
-/// Shapes (m, k, n): 1s, primes, sizes just off the tile multiples, and a mid-size one.
-const SHAPES: [(usize, usize, usize); 9] = [
+/// Shapes (m, k, n): 1s, primes, sizes just off the tile multiples, mid-size ones, and one
+/// that the Hopper path takes (k and n multiples of 8) with partial tiles in m, n and k.
+const SHAPES: [(usize, usize, usize); 10] = [
     (1, 1, 1),
     (1, 300, 7),
     (2, 3, 257),
@@ -40,6 +41,7 @@ const SHAPES: [(usize, usize, usize); 9] = [
     (257, 13, 131),
     (64, 256, 128),
     (300, 299, 293),
+    (200, 136, 264),
 ];
 
 fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f64 {
@@ -242,7 +244,14 @@ fn batch_norm_matches_cpu_on_odd_shapes() {
 #[test]
 fn gradients_match_cpu_on_odd_shapes() {
     let Some(device) = gpu() else { return };
-    for &(m, k, n) in &[(3usize, 17usize, 5usize), (64, 33, 70), (129, 100, 31)] {
+    // The last shape's backward products (contractions n and m, outputs k wide) are aligned
+    // for the Hopper path; the others run the portable kernels.
+    for &(m, k, n) in &[
+        (3usize, 17usize, 5usize),
+        (64, 33, 70),
+        (129, 100, 31),
+        (200, 136, 264),
+    ] {
         for (dtype, precision, tol) in MODES {
             let bound = 1.0 / (k as f32).sqrt();
             let shapes: [(&[usize], f32, f32); 6] = [
@@ -521,6 +530,46 @@ fn exact_f32_is_as_accurate_as_cublas_fp32() {
         ours_err <= 2.0 * cublas_err,
         "exact {ours_err:.2e} vs cuBLAS {cublas_err:.2e}"
     );
+}
+
+/// The backward products of `Precision::Exact` are fp32-accurate too: the input and weight
+/// gradients' errors against float64 are at most twice those of Candle's cuBLAS fp32 matmul.
+#[test]
+fn exact_f32_gradients_are_as_accurate_as_cublas_fp32() {
+    let Some(device) = gpu() else { return };
+    candle_core::cuda::set_gemm_reduced_precision_f32(false);
+    let (m, k, n) = (2048, 1024, 2048);
+    let x = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
+    let g = Tensor::randn(0f32, 1.0, (m, n), &device).unwrap();
+    let (_, trace) =
+        fused_linear_traced(&x, &w, None, None, Epilogue::IDENTITY, Precision::Exact).unwrap();
+    let grads = trace.backward(&g).unwrap();
+    let (dx, dw) = (grads.get(&x).unwrap(), grads.get(&w).unwrap());
+    let cublas_dx = g.matmul(&w).unwrap();
+    let cublas_dw = g.t().unwrap().matmul(&x).unwrap();
+    let f64_of = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
+    let rows = 0..16;
+    // dx rows = g rows · W; dW rows = (columns of g)ᵀ · x.
+    let dx64 = f64_of(&g.i(rows.clone()).unwrap())
+        .unwrap()
+        .matmul(&f64_of(&w).unwrap())
+        .unwrap();
+    let dw64 = f64_of(&g.i((.., rows.clone())).unwrap().t().unwrap())
+        .unwrap()
+        .matmul(&f64_of(&x).unwrap())
+        .unwrap();
+    for (name, ours, cublas, reference) in
+        [("dx", dx, &cublas_dx, &dx64), ("dW", dw, &cublas_dw, &dw64)]
+    {
+        let ours_err = max_rel_error(&ours.i(rows.clone()).unwrap(), reference);
+        let cublas_err = max_rel_error(&cublas.i(rows.clone()).unwrap(), reference);
+        println!("{name} error vs float64: exact {ours_err:.2e}, cuBLAS fp32 {cublas_err:.2e}");
+        assert!(
+            ours_err <= 2.0 * cublas_err,
+            "{name}: exact {ours_err:.2e} vs cuBLAS {cublas_err:.2e}"
+        );
+    }
 }
 
 #[test]

@@ -115,6 +115,15 @@ extern "C" {
         weight: f32,
         stream: *mut c_void,
     ) -> c_int;
+    /// `out (cols, rows) = in (rows, cols)ᵀ` on `stream`; returns a `cudaError_t`.
+    pub(crate) fn fused_transpose(
+        input: *const c_void,
+        out: *mut c_void,
+        rows: i64,
+        cols: i64,
+        dtype: i32,
+        stream: *mut c_void,
+    ) -> c_int;
     /// The CUDA runtime's description of an error code.
     pub(crate) fn cudaGetErrorString(error: c_int) -> *const c_char;
 }

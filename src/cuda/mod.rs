@@ -28,8 +28,9 @@ pub(crate) struct LinearProblem<'a> {
     pub x: (&'a CudaStorage, usize),
     /// `w` (n, k) and its offset in elements.
     pub w: (&'a CudaStorage, usize),
-    /// The parameter table (rows, n) and its offset in elements.
-    pub params: (&'a CudaStorage, usize),
+    /// The parameter table (rows, n) and its offset in elements; `None` for a plain product
+    /// (no bias, no per-feature scale, no BatchNorm).
+    pub params: Option<Operand<'a>>,
     /// Rows of `x`.
     pub m: usize,
     /// Rows of `w` (output features).
@@ -128,7 +129,9 @@ fn forward(
     if m == 0 || n == 0 || k == 0 {
         bail!("{OP}: every dimension must be at least 1, got m={m} n={n} k={k}");
     }
-    let dtype = operand_dtype(OP, &[("x", p.x.0), ("w", p.w.0), ("params", p.params.0)])?;
+    let mut operands = vec![("x", p.x.0), ("w", p.w.0)];
+    operands.extend(p.params.map(|params| ("params", params.0)));
+    let dtype = operand_dtype(OP, &operands)?;
     let dev = p.x.0.device().clone();
     let stream = dev.cuda_stream();
     let mut y = alloc(&dev, dtype, m * n)?;
@@ -180,14 +183,17 @@ fn forward(
         bind(&stream, OP)?;
         let (x, _gx) = input_ptr(p.x.0, p.x.1, m * k, &stream, "x")?;
         let (w, _gw) = input_ptr(p.w.0, p.w.1, n * k, &stream, "w")?;
-        let (params, _gp) = input_ptr(p.params.0, p.params.1, params_rows * n, &stream, "params")?;
+        let params = p
+            .params
+            .map(|(s, offset)| input_ptr(s, offset, params_rows * n, &stream, "params"))
+            .transpose()?;
         let (yp, _gy) = output_ptr(&mut y, &stream)?;
         let zp = z.as_mut().map(|z| output_ptr(z, &stream)).transpose()?;
         let sp = stats.as_mut().map(|s| output_ptr(s, &stream)).transpose()?;
         let wsp = workspace.as_mut().map(|ws| ws.device_ptr_mut(&stream));
         args.x = x;
         args.w = w;
-        args.params = params;
+        args.params = params.as_ref().map_or(std::ptr::null(), |(p, _)| *p);
         args.y = yp;
         args.z = zp.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p);
         args.stats = sp
@@ -297,23 +303,138 @@ fn backward(
     Ok((dz, dparams))
 }
 
-/// The products of a linear layer's backward, `dx = dz·W` (m, k) and `dW = dzᵀ·x` (n, k), on
-/// cuBLAS with the compute type that the dtype and `precision` ask for: fp32 FMA for exact f32
-/// (fp32-accurate), TF32 tensor cores for [`Precision::Tf32`], f32 accumulation for f16 and
-/// bf16. Candle's global reduced-precision switches play no part. `transposed_copies`, if
-/// given, are `dzᵀ` (n, m) and `xᵀ` (k, m), contiguous: the weight gradient then reads both
-/// operands along the contraction, the layout that TF32 tensor cores take without a transpose.
+/// Which transposed copies of the backward's operands [`linear_input_and_weight_grads`] takes
+/// for `dtype` and `precision`. TF32 tensor cores read both operands along the contraction: the
+/// weight gradient's runs over the batch (`dzᵀ`, `xᵀ`), the input gradient's down the columns of
+/// `W` (`Wᵀ`). Exact f32 runs both products on the fused kernels' 3xTF32 GEMM, which takes only
+/// that layout; TF32 on cuBLAS gains from the first two (0.05-0.1 ms off the 1024x8192->8192
+/// train steps on an H200) and not from `Wᵀ`, whose copy costs more than it saves; bf16 and
+/// f16 tensor cores take either layout, and the copies only cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TransposedOperands {
+    /// `dzᵀ` (n, m) and `xᵀ` (k, m).
+    pub batch: bool,
+    /// `Wᵀ` (k, n).
+    pub weight: bool,
+}
+
+impl TransposedOperands {
+    /// The copies that the backward products of `dtype` in `precision` take.
+    pub(crate) fn of(dtype: DType, precision: Precision) -> Self {
+        let f32 = dtype == DType::F32;
+        TransposedOperands {
+            batch: f32,
+            weight: f32 && precision == Precision::Exact,
+        }
+    }
+}
+
+/// `(rows, cols)ᵀ` of a contiguous operand, as a new contiguous (cols, rows) buffer.
+pub(crate) fn transpose(a: Operand, (rows, cols): (usize, usize)) -> Result<CudaStorage> {
+    const OP: &str = "fused transpose";
+    let dtype = operand_dtype(OP, &[("operand", a.0)])?;
+    if rows == 0 || cols == 0 {
+        bail!("{OP}: every dimension must be at least 1, got {rows}x{cols}");
+    }
+    let dev = a.0.device().clone();
+    let stream = dev.cuda_stream();
+    let mut out = alloc(&dev, dtype, rows * cols)?;
+    {
+        bind(&stream, OP)?;
+        let (input, _gi) = input_ptr(a.0, a.1, rows * cols, &stream, "operand")?;
+        let (output, _go) = output_ptr(&mut out, &stream)?;
+        // SAFETY: both pointers are live device allocations of rows * cols elements, ordered on
+        // candle's stream by the guards.
+        check(
+            unsafe {
+                ffi::fused_transpose(
+                    input,
+                    output,
+                    rows as i64,
+                    cols as i64,
+                    ffi_dtype(dtype)?,
+                    stream.cu_stream() as *mut c_void,
+                )
+            },
+            "fused_transpose",
+        )?;
+    }
+    Ok(out)
+}
+
+/// The operands of a linear layer's backward products: `dz` (m, n), `x` (m, k), `w` (n, k),
+/// and the transposed copies that [`TransposedOperands::of`] asks for.
+pub(crate) struct BackwardOperands<'a> {
+    /// The gradient at the pre-activation.
+    pub dz: Operand<'a>,
+    /// The layer's input.
+    pub x: Operand<'a>,
+    /// The weight.
+    pub w: Operand<'a>,
+    /// `dzᵀ` (n, m) and `xᵀ` (k, m).
+    pub batch_major: Option<(Operand<'a>, Operand<'a>)>,
+    /// `Wᵀ` (k, n).
+    pub w_t: Option<Operand<'a>>,
+}
+
+/// The products of a linear layer's backward, `dx = dz·W` (m, k) and `dW = dzᵀ·x` (n, k), in
+/// the arithmetic that the dtype and `precision` ask for, whatever Candle's global
+/// reduced-precision switches say:
+/// - exact f32: the fused kernels' fp32-accurate 3xTF32 GEMM (`dx = dz·(Wᵀ)ᵀ`, `dW =
+///   dzᵀ·(xᵀ)ᵀ`, from the transposed copies, which it needs);
+/// - TF32: cuBLAS on TF32 tensor cores, the weight gradient from `dzᵀ` and `xᵀ` when given;
+/// - f16 and bf16: cuBLAS with f32 accumulation.
 pub(crate) fn linear_input_and_weight_grads(
-    dz: (&CudaStorage, usize),
-    x: (&CudaStorage, usize),
-    w: (&CudaStorage, usize),
+    operands: &BackwardOperands,
     (m, n, k): (usize, usize, usize),
     precision: Precision,
-    transposed_copies: Option<(Operand, Operand)>,
+) -> Result<(CudaStorage, CudaStorage)> {
+    const OP: &str = "fused_linear backward GEMM";
+    let BackwardOperands {
+        dz,
+        x,
+        w,
+        batch_major,
+        w_t,
+    } = *operands;
+    let dtype = operand_dtype(OP, &[("grad", dz.0), ("x", x.0), ("w", w.0)])?;
+    if dtype == DType::F32 && precision == Precision::Exact {
+        let (Some((dz_t, x_t)), Some(w_t)) = (batch_major, w_t) else {
+            bail!("{OP}: exact f32 needs the transposed copies of dz, x and w");
+        };
+        let product = |a: Operand, b: Operand, (rows, cols, inner)| -> Result<CudaStorage> {
+            let problem = LinearProblem {
+                x: a,
+                w: b,
+                params: None,
+                m: rows,
+                n: cols,
+                k: inner,
+                epilogue: Epilogue::default(),
+                precision,
+            };
+            Ok(forward(&problem, 0, None, false)?.0)
+        };
+        return Ok((product(dz, w_t, (m, k, n))?, product(dz_t, x_t, (n, k, m))?));
+    }
+    cublas_input_and_weight_grads(operands, (m, n, k), dtype)
+}
+
+/// [`linear_input_and_weight_grads`] on cuBLAS, for TF32 (f32), f16 and bf16.
+fn cublas_input_and_weight_grads(
+    operands: &BackwardOperands,
+    (m, n, k): (usize, usize, usize),
+    dtype: DType,
 ) -> Result<(CudaStorage, CudaStorage)> {
     use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
     const OP: &str = "fused_linear backward GEMM";
-    let dtype = operand_dtype(OP, &[("grad", dz.0), ("x", x.0), ("w", w.0)])?;
+    let BackwardOperands {
+        dz,
+        x,
+        w,
+        batch_major,
+        ..
+    } = *operands;
     let extent = |name: &str, v: usize| -> Result<c_int> {
         match c_int::try_from(v) {
             Ok(v) if v > 0 => Ok(v),
@@ -321,20 +442,16 @@ pub(crate) fn linear_input_and_weight_grads(
         }
     };
     let (mi, ni, ki) = (extent("m", m)?, extent("n", n)?, extent("k", k)?);
-    let (element, compute) = match (dtype, precision) {
-        (DType::F32, Precision::Exact) => (
-            sys::cudaDataType_t::CUDA_R_32F,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        ),
-        (DType::F32, Precision::Tf32) => (
+    let (element, compute) = match dtype {
+        DType::F32 => (
             sys::cudaDataType_t::CUDA_R_32F,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
         ),
-        (DType::F16, _) => (
+        DType::F16 => (
             sys::cudaDataType_t::CUDA_R_16F,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         ),
-        (_, _) => (
+        _ => (
             sys::cudaDataType_t::CUDA_R_16BF,
             sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
         ),
@@ -356,7 +473,7 @@ pub(crate) fn linear_input_and_weight_grads(
         let (wp, _gw) = input_ptr(w.0, w.1, n * k, &stream, "w")?;
         let (dxp, _gdx) = output_ptr(&mut dx, &stream)?;
         let (dwp, _gdw) = output_ptr(&mut dw, &stream)?;
-        let k_major = match transposed_copies {
+        let k_major = match batch_major {
             Some(((dz_t, dz_o), (x_t, x_o))) => Some((
                 input_ptr(dz_t, dz_o, m * n, &stream, "grad, transposed")?,
                 input_ptr(x_t, x_o, m * k, &stream, "x, transposed")?,

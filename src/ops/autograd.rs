@@ -89,7 +89,8 @@ pub(super) fn host_grads<A: Accum>(
 /// The gradients of `z = x·Wᵀ + b` at `x` and `W` given `dz`: `dz·W` and `dzᵀ·x`.
 ///
 /// On the CPU the products run in the accumulation type (Candle's CPU matmul has no bf16); on
-/// the GPU they run on cuBLAS in the op's `precision` (see
+/// the GPU in the op's `precision`: exact f32 on the fused kernels' fp32-accurate GEMM, the
+/// others on cuBLAS (see
 /// [`linear_input_and_weight_grads`](crate::cuda::linear_input_and_weight_grads)).
 pub(super) fn input_and_weight_grads(
     dz: &Tensor,
@@ -104,42 +105,32 @@ pub(super) fn input_and_weight_grads(
         },
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
+            use crate::cuda::{BackwardOperands, TransposedOperands};
             let ((m, n), k) = (dz.dims2()?, x.dim(1)?);
-            // TF32 tensor cores take operands contiguous along the contraction; for the weight
-            // gradient that is the batch, so in TF32 it gets transposed copies of dz and x
-            // (batch-sized, small next to the weight). On an H200 this took 0.05-0.1 ms off
-            // the 1024x8192->8192 train steps; for bf16, whose tensor cores take either
-            // layout, the copies cost more than they saved.
-            let tf32 = dz.dtype() == DType::F32 && precision == Precision::Tf32;
-            let copies = match tf32 {
-                true => Some((dz.t()?.contiguous()?, x.t()?.contiguous()?)),
-                false => None,
-            };
-            let (dx, dw) = cuda_operand(dz, |dz| {
-                cuda_operand(x, |x| {
-                    cuda_operand(w, |w| match &copies {
-                        Some((dz_t, x_t)) => cuda_operand(dz_t, |dz_t| {
-                            cuda_operand(x_t, |x_t| {
-                                crate::cuda::linear_input_and_weight_grads(
-                                    dz,
-                                    x,
-                                    w,
-                                    (m, n, k),
-                                    precision,
-                                    Some((dz_t, x_t)),
-                                )
-                            })
-                        }),
-                        None => crate::cuda::linear_input_and_weight_grads(
-                            dz,
-                            x,
-                            w,
-                            (m, n, k),
-                            precision,
-                            None,
-                        ),
-                    })
-                })
+            let wanted = TransposedOperands::of(dz.dtype(), precision);
+            let copy = |wanted: bool, t: &Tensor| wanted.then(|| cuda_transposed(t)).transpose();
+            let (dz_t, x_t) = (copy(wanted.batch, dz)?, copy(wanted.batch, x)?);
+            let w_t = copy(wanted.weight, w)?;
+            let tensors = [
+                Some(dz),
+                Some(x),
+                Some(w),
+                dz_t.as_ref(),
+                x_t.as_ref(),
+                w_t.as_ref(),
+            ];
+            let (dx, dw) = cuda_operands(tensors, |[dz, x, w, dz_t, x_t, w_t]| {
+                let (Some(dz), Some(x), Some(w)) = (dz, x, w) else {
+                    bail!("fused_linear backward: missing operand");
+                };
+                let operands = BackwardOperands {
+                    dz,
+                    x,
+                    w,
+                    batch_major: dz_t.zip(x_t),
+                    w_t,
+                };
+                crate::cuda::linear_input_and_weight_grads(&operands, (m, n, k), precision)
             })?;
             Ok((
                 detached(Storage::Cuda(dx), (m, k)),
@@ -178,6 +169,39 @@ mod cuda_glue {
     use super::*;
     use crate::epilogue::Epilogue;
     use candle_core::CudaStorage;
+
+    /// The storages and first-element offsets of CUDA tensors, each made contiguous, for `f`;
+    /// `None` entries stay `None`.
+    pub(crate) fn cuda_operands<R, const N: usize>(
+        tensors: [Option<&Tensor>; N],
+        f: impl FnOnce([Option<(&CudaStorage, usize)>; N]) -> Result<R>,
+    ) -> Result<R> {
+        let contiguous = tensors
+            .iter()
+            .map(|t| t.map(Tensor::contiguous).transpose())
+            .collect::<Result<Vec<_>>>()?;
+        let guards: Vec<_> = contiguous
+            .iter()
+            .map(|t| t.as_ref().map(Tensor::storage_and_layout))
+            .collect();
+        let mut operands = [None; N];
+        for (operand, guard) in operands.iter_mut().zip(&guards) {
+            if let Some((storage, layout)) = guard {
+                match &**storage {
+                    Storage::Cuda(s) => *operand = Some((s, contiguous_start(layout)?)),
+                    _ => bail!("fused op: expected a CUDA tensor"),
+                }
+            }
+        }
+        f(operands)
+    }
+
+    /// `tᵀ` of a 2-D CUDA tensor, contiguous, by the fused transpose kernel.
+    pub(crate) fn cuda_transposed(t: &Tensor) -> Result<Tensor> {
+        let (rows, cols) = t.dims2()?;
+        let storage = cuda_operand(t, |a| crate::cuda::transpose(a, (rows, cols)))?;
+        Ok(detached(Storage::Cuda(storage), (cols, rows)))
+    }
 
     /// A CUDA tensor's storage and first-element offset, contiguous.
     pub(crate) fn cuda_operand<R>(

@@ -191,7 +191,7 @@ impl CustomOp3 for FusedLinearOp {
         let problem = crate::cuda::LinearProblem {
             x: (x, autograd::contiguous_start(x_l)?),
             w: (w, autograd::contiguous_start(w_l)?),
-            params: (p, autograd::contiguous_start(p_l)?),
+            params: Some((p, autograd::contiguous_start(p_l)?)),
             m,
             n,
             k,

@@ -17,8 +17,8 @@
 //! through a [`Trace`] ([`fused_linear_traced`], [`fused_linear_batch_norm_traced`]), whose
 //! backward returns the gradients directly without Candle's gradient store. Both run the same
 //! fused backward: one kernel for the gradient at the pre-activation and the per-feature
-//! parameter gradients, then the input and weight products (on the GPU, cuBLAS in the op's
-//! precision).
+//! parameter gradients, then the input and weight products in the op's precision (on the GPU:
+//! exact f32 on the crate's fp32-accurate 3xTF32 GEMM, the others on cuBLAS).
 //!
 //! **What the forward keeps for the backward.** Only when some input tracks gradients (or the
 //! call is traced), the op keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in
@@ -26,6 +26,11 @@
 //! recomputing it would cost a second GEMM. When the epilogue is `z * constant` nothing is kept.
 //! The BatchNorm op also keeps its `(2, out)` f32 statistics (mean and biased variance). In
 //! inference nothing extra is kept or written.
+//!
+//! **What the backward allocates for a moment.** Tensor-core products read f32 operands along
+//! the contraction, so on the GPU the f32 backward makes transposed copies, freed when it
+//! returns: `dzᵀ` and `xᵀ` (batch-sized) in TF32 and exact f32, and in exact f32 also `Wᵀ`, one
+//! more weight-sized buffer.
 
 mod autograd;
 mod batch_norm;
