@@ -24,7 +24,7 @@
 //      over a long k that bias costs more than the split gains (the portable kernel does the
 //      same, for the same reason). (Two such tiles, alternating so that the next stage's
 //      products queue before this stage's are added, need more registers than the 168 that
-//      ptxas allows here: the spills made it 15% slower on an H200);
+//      ptxas allows here: the spills made it 14% slower on an H200);
 //   3. the split of the next stage runs while this stage's products are in flight.
 // The raw fp32 must reach shared memory unrounded, so the collective is built for
 // cutlass::tfloat32_t elements, whose TMA copy moves the bits as they are (for `float`, CUTLASS
