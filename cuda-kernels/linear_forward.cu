@@ -177,12 +177,6 @@ __device__ __forceinline__ void mma_1688_tf32(float (&d)[4], const uint32_t (&a)
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
-__device__ __forceinline__ uint32_t to_tf32(float f) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(f));
-  return r;
-}
-
 // f32 = big + small with both parts representable in tf32.
 __device__ __forceinline__ void split_tf32(float f, uint32_t& big, uint32_t& small) {
   big = to_tf32(f);

@@ -410,7 +410,7 @@ pub(crate) fn linear_input_and_weight_grads(
                 m: rows,
                 n: cols,
                 k: inner,
-                epilogue: Epilogue::default(),
+                epilogue: Epilogue::IDENTITY,
                 precision,
             };
             Ok(forward(&problem, 0, None, false)?.0)

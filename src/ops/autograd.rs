@@ -111,27 +111,20 @@ pub(super) fn input_and_weight_grads(
             let copy = |wanted: bool, t: &Tensor| wanted.then(|| cuda_transposed(t)).transpose();
             let (dz_t, x_t) = (copy(wanted.batch, dz)?, copy(wanted.batch, x)?);
             let w_t = copy(wanted.weight, w)?;
-            let tensors = [
-                Some(dz),
-                Some(x),
-                Some(w),
-                dz_t.as_ref(),
-                x_t.as_ref(),
-                w_t.as_ref(),
-            ];
-            let (dx, dw) = cuda_operands(tensors, |[dz, x, w, dz_t, x_t, w_t]| {
-                let (Some(dz), Some(x), Some(w)) = (dz, x, w) else {
-                    bail!("fused_linear backward: missing operand");
-                };
-                let operands = BackwardOperands {
-                    dz,
-                    x,
-                    w,
-                    batch_major: dz_t.zip(x_t),
-                    w_t,
-                };
-                crate::cuda::linear_input_and_weight_grads(&operands, (m, n, k), precision)
-            })?;
+            let (dx, dw) = cuda_operands(
+                [dz, x, w],
+                [dz_t.as_ref(), x_t.as_ref(), w_t.as_ref()],
+                |[dz, x, w], [dz_t, x_t, w_t]| {
+                    let operands = BackwardOperands {
+                        dz,
+                        x,
+                        w,
+                        batch_major: dz_t.zip(x_t),
+                        w_t,
+                    };
+                    crate::cuda::linear_input_and_weight_grads(&operands, (m, n, k), precision)
+                },
+            )?;
             Ok((
                 detached(Storage::Cuda(dx), (m, k)),
                 detached(Storage::Cuda(dw), (n, k)),
@@ -167,53 +160,56 @@ pub(super) fn unsupported_device<T>(op: &str, device: &Device) -> Result<T> {
 #[cfg(feature = "cuda")]
 mod cuda_glue {
     use super::*;
+    use crate::cuda::Operand;
     use crate::epilogue::Epilogue;
-    use candle_core::CudaStorage;
+    use candle_core::Layout;
 
-    /// The storages and first-element offsets of CUDA tensors, each made contiguous, for `f`;
-    /// `None` entries stay `None`.
-    pub(crate) fn cuda_operands<R, const N: usize>(
-        tensors: [Option<&Tensor>; N],
-        f: impl FnOnce([Option<(&CudaStorage, usize)>; N]) -> Result<R>,
+    /// The storages and first-element offsets of CUDA tensors, each made contiguous, for `f`:
+    /// every `required` tensor, and each `optional` one that is present.
+    pub(crate) fn cuda_operands<R, const N: usize, const M: usize>(
+        required: [&Tensor; N],
+        optional: [Option<&Tensor>; M],
+        f: impl FnOnce([Operand; N], [Option<Operand>; M]) -> Result<R>,
     ) -> Result<R> {
-        let contiguous = tensors
+        fn operand<'a>(storage: &'a Storage, layout: &Layout) -> Result<Operand<'a>> {
+            match storage {
+                Storage::Cuda(s) => Ok((s, contiguous_start(layout)?)),
+                _ => bail!("fused op: expected a CUDA tensor"),
+            }
+        }
+        let required = required
+            .iter()
+            .map(|t| t.contiguous())
+            .collect::<Result<Vec<_>>>()?;
+        let optional = optional
             .iter()
             .map(|t| t.map(Tensor::contiguous).transpose())
             .collect::<Result<Vec<_>>>()?;
-        let guards: Vec<_> = contiguous
+        let required_guards: Vec<_> = required.iter().map(Tensor::storage_and_layout).collect();
+        let optional_guards: Vec<_> = optional
             .iter()
             .map(|t| t.as_ref().map(Tensor::storage_and_layout))
             .collect();
-        let mut operands = [None; N];
-        for (operand, guard) in operands.iter_mut().zip(&guards) {
+        let required: [Operand; N] = required_guards
+            .iter()
+            .map(|(storage, layout)| operand(storage, layout))
+            .collect::<Result<Vec<_>>>()?
+            .try_into()
+            .map_err(|_| candle_core::Error::Msg("fused op: operand count".into()))?;
+        let mut present = [None; M];
+        for (slot, guard) in present.iter_mut().zip(&optional_guards) {
             if let Some((storage, layout)) = guard {
-                match &**storage {
-                    Storage::Cuda(s) => *operand = Some((s, contiguous_start(layout)?)),
-                    _ => bail!("fused op: expected a CUDA tensor"),
-                }
+                *slot = Some(operand(storage, layout)?);
             }
         }
-        f(operands)
+        f(required, present)
     }
 
     /// `tᵀ` of a 2-D CUDA tensor, contiguous, by the fused transpose kernel.
     pub(crate) fn cuda_transposed(t: &Tensor) -> Result<Tensor> {
         let (rows, cols) = t.dims2()?;
-        let storage = cuda_operand(t, |a| crate::cuda::transpose(a, (rows, cols)))?;
+        let storage = cuda_operands([t], [], |[a], []| crate::cuda::transpose(a, (rows, cols)))?;
         Ok(detached(Storage::Cuda(storage), (cols, rows)))
-    }
-
-    /// A CUDA tensor's storage and first-element offset, contiguous.
-    pub(crate) fn cuda_operand<R>(
-        t: &Tensor,
-        f: impl FnOnce((&CudaStorage, usize)) -> Result<R>,
-    ) -> Result<R> {
-        let t = t.contiguous()?;
-        let (storage, layout) = t.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(s) => f((s, contiguous_start(layout)?)),
-            _ => bail!("fused op: expected a CUDA tensor"),
-        }
     }
 
     /// The epilogue backward on the GPU: `(dz, dparams)`.
@@ -224,13 +220,8 @@ mod cuda_glue {
         epilogue: &Epilogue,
     ) -> Result<(Tensor, Tensor)> {
         let (m, n) = dy.dims2()?;
-        let (dz, dparams) = cuda_operand(dy, |dy| {
-            cuda_operand(params, |p| match z {
-                Some(z) => cuda_operand(z, |z| {
-                    crate::cuda::epilogue_backward(dy, Some(z), p, m, n, *epilogue)
-                }),
-                None => crate::cuda::epilogue_backward(dy, None, p, m, n, *epilogue),
-            })
+        let (dz, dparams) = cuda_operands([dy, params], [z], |[dy, p], [z]| {
+            crate::cuda::epilogue_backward(dy, z, p, m, n, *epilogue)
         })?;
         Ok((
             detached(Storage::Cuda(dz), (m, n)),
@@ -252,14 +243,8 @@ mod cuda_glue {
             bail!("fused_linear_batch_norm: backward without a kept pre-activation")
         };
         let (m, n) = dy.dims2()?;
-        let (dz, dparams) = cuda_operand(dy, |dy| {
-            cuda_operand(z, |z| {
-                cuda_operand(params, |p| {
-                    cuda_operand(stats, |s| {
-                        crate::cuda::batch_norm_backward(dy, z, p, s, m, n, *epilogue, eps, train)
-                    })
-                })
-            })
+        let (dz, dparams) = cuda_operands([dy, z, params, stats], [], |[dy, z, p, s], []| {
+            crate::cuda::batch_norm_backward(dy, z, p, s, m, n, *epilogue, eps, train)
         })?;
         Ok((
             detached(Storage::Cuda(dz), (m, n)),

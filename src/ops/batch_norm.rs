@@ -215,7 +215,7 @@ pub fn fused_linear_batch_norm_traced(
         .x
         .apply_op3_arc(&call.weight, &call.params, call.op.clone())?;
     let mut targets = linear_targets(x, weight, bias, scale, &call.rows);
-    let gamma = call.rows.gamma.expect("batch-norm table has a gamma row");
+    let gamma = call.rows.batch_norm_gamma("fused_linear_batch_norm")?;
     targets.push((bn.weight.clone(), Target::Row(gamma)));
     targets.push((bn.bias.clone(), Target::Row(gamma + 1)));
     let stats = call.saved.batch_stats(train)?;
@@ -330,7 +330,7 @@ impl LinearBatchNormOp {
                 (to_f64(row(r)), to_f64(row(r + 1)))
             }
         };
-        let gamma = self.rows.gamma.expect("batch-norm table has a gamma row");
+        let gamma = self.rows.batch_norm_gamma("fused_linear_batch_norm")?;
         cpu::normalize(&mut y, &mean, &var, row(gamma), row(gamma + 1), self.eps);
         if let Some(z) = z {
             self.saved

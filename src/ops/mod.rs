@@ -99,6 +99,15 @@ impl ParamRows {
         }
     }
 
+    /// The row of BatchNorm's gamma (beta follows it), or an error naming `op` for a table
+    /// without BatchNorm rows.
+    pub fn batch_norm_gamma(&self, op: &str) -> Result<usize> {
+        match self.gamma {
+            Some(gamma) => Ok(gamma),
+            None => bail!("{op}: the parameter table has no BatchNorm rows"),
+        }
+    }
+
     /// The rows of a fused linear + BatchNorm op's table.
     pub fn batch_norm(epilogue: &Epilogue, train: bool) -> Self {
         let linear = Self::linear(epilogue);
