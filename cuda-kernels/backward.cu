@@ -3,9 +3,9 @@
 // Given g = dL/dy, the input gradient of the epilogue is elementwise, dz = g · dy/dz, but the
 // parameter gradients are column sums over all rows (d_bias = Σ dz, d_scale = Σ g · act(z),
 // d_gamma = Σ g · x̂, d_beta = Σ g). Column sums are done in two levels so that they are
-// deterministic without atomics: blocks of 32 columns x 8 rows sweep a chunk of rows and leave
-// one partial sum per (chunk, column) in a workspace, in a fixed order, and a small kernel
-// adds the chunks of each column in order.
+// deterministic without atomics: blocks of 32 column packs x 8 rows sweep a chunk of rows and
+// leave one partial sum per (chunk, column) in a workspace, in a fixed order, and a small
+// kernel adds the chunks of each column in order.
 //
 // The per-element gradients and every sum are carried in double. Under a training BatchNorm
 // the gradients of the bias and of a per-feature scale are sums whose terms cancel almost
@@ -23,26 +23,49 @@
 
 namespace fused {
 
-constexpr int BWD_COLS = 32, BWD_ROWS = 8, BWD_CHUNK = 128;
+constexpr int BWD_COLS = 32, BWD_ROWS = 8, BWD_TARGET_BLOCKS = 1024;
 
-// Rows per chunk: BWD_CHUNK, or a multiple of it when the grid would grow too tall.
-int64_t backward_chunk_rows(int64_t m) { return BWD_CHUNK * ceil_div(ceil_div(m, BWD_CHUNK), 65535); }
+// A thread owns a 4-byte pack of neighbouring columns (one column where n or the pointers do
+// not allow packs) and keeps several rows' loads in flight. Small packs keep the per-column
+// constants few enough for a high occupancy, which these latency-bound kernels need more than
+// wide accesses.
+template <class T>
+constexpr int backward_pack() {
+  return pack_width<T, 4>();
+}
 
-// Adds the per-thread values `v[s]` over the block's rows and writes one partial per column.
-template <int NSUM>
-__device__ __forceinline__ void write_column_partials(const double (&v)[NSUM], int nsum, double* partials,
-                                                      int64_t n, int64_t c) {
-  __shared__ double red[NSUM][BWD_ROWS][BWD_COLS];
+// Rows per chunk: about BWD_TARGET_BLOCKS blocks in all (every SM busy with several blocks),
+// in whole block sweeps. Depends only on the shape and the element type, which the workspace
+// size needs too; at most 65535 chunks.
+int64_t backward_chunk_rows(int64_t m, int64_t n, int32_t dtype) {
+  const int64_t pack = dtype == FUSED_F32 ? backward_pack<float>() : backward_pack<__half>();
+  const int64_t col_blocks = ceil_div(n, BWD_COLS * pack);
+  const int64_t chunks = min(int64_t(65535), max(int64_t(1), ceil_div(BWD_TARGET_BLOCKS, col_blocks)));
+  return BWD_ROWS * ceil_div(ceil_div(m, chunks), BWD_ROWS);
+}
+
+// Adds each thread's values v[s][i] over the block's rows and writes one partial per (chunk,
+// sum, column). `nsum` is the same for the whole launch.
+template <int NSUM, int V>
+__device__ __forceinline__ void write_column_partials(const double (&v)[NSUM][V], int nsum, double* partials,
+                                                      int64_t n, int64_t c0, bool inside) {
+  __shared__ double red[BWD_ROWS * V * BWD_COLS];
 #pragma unroll
-  for (int s = 0; s < NSUM; ++s) red[s][threadIdx.y][threadIdx.x] = v[s];
-  __syncthreads();
-  if (threadIdx.y == 0 && c < n) {
-    for (int s = 0; s < nsum; ++s) {
-      double total = 0.0;
+  for (int s = 0; s < NSUM; ++s) {
+    if (s >= nsum) break;
 #pragma unroll
-      for (int r = 0; r < BWD_ROWS; ++r) total += red[s][r][threadIdx.x];
-      partials[(int64_t(blockIdx.y) * nsum + s) * n + c] = total;
+    for (int i = 0; i < V; ++i) red[(threadIdx.y * V + i) * BWD_COLS + threadIdx.x] = v[s][i];
+    __syncthreads();
+    if (threadIdx.y == 0 && inside) {
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        double total = 0.0;
+#pragma unroll
+        for (int r = 0; r < BWD_ROWS; ++r) total += red[(r * V + i) * BWD_COLS + threadIdx.x];
+        partials[(int64_t(blockIdx.y) * nsum + s) * n + c0 + i] = total;
+      }
     }
+    __syncthreads();
   }
 }
 
@@ -66,76 +89,97 @@ __device__ __forceinline__ ColumnBackward load_column_backward(const FusedBackwa
 }
 
 // Sweep 1 of the BatchNorm backward: partial Σ g·x̂ and Σ g per column (rows d_gamma, d_beta).
-template <class T>
+template <class T, int V>
 __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
     batch_norm_sums_kernel(const FusedBackwardArgs a, int64_t chunk_rows, double* partials) {
   const int64_t m = a.m, n = a.n;
-  const int64_t c = int64_t(blockIdx.x) * BWD_COLS + threadIdx.x;
-  const T* g = static_cast<const T*>(a.g);
-  const T* z = static_cast<const T*>(a.z);
-  double v[2] = {0.0, 0.0};
-  if (c < n) {
-    const ColumnBackward col = load_column_backward<T>(a, c);
+  const int64_t c0 = (int64_t(blockIdx.x) * BWD_COLS + threadIdx.x) * V;
+  const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
+  const T* __restrict__ g = static_cast<const T*>(a.g);
+  const T* __restrict__ z = static_cast<const T*>(a.z);
+  double v[2][V] = {};
+  if (inside) {
+    ColumnBackward col[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) col[i] = load_column_backward<T>(a, c0 + i);
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
     dispatch_epilogue(a.activation, a.residual != 0, [&](auto epi) {
+#pragma unroll 4
       for (int64_t r = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r < r_end; r += BWD_ROWS) {
-        const double gv = to_float(g[r * n + c]);
-        const double u = epi.apply(to_float(z[r * n + c]), col.scale);
-        v[0] += gv * (u - col.mean) * col.invstd;
-        v[1] += gv;
+        float gv[V], zv[V];
+        load_pack<T, V>(g + r * n + c0, gv);
+        load_pack<T, V>(z + r * n + c0, zv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          const double u = epi.apply(zv[i], col[i].scale);
+          v[0][i] += double(gv[i]) * (u - col[i].mean) * col[i].invstd;
+          v[1][i] += gv[i];
+        }
       }
     });
   }
-  write_column_partials<2>(v, 2, partials, n, c);
+  write_column_partials<2, V>(v, 2, partials, n, c0, inside);
 }
 
 // The epilogue backward, from g (no BatchNorm) or from the du of the BatchNorm: writes dz and
 // partial Σ dz, Σ du·act(z) per column.
-template <class T>
+template <class T, int V>
 __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
     epilogue_backward_kernel(const FusedBackwardArgs a, int64_t chunk_rows, double* partials,
                              const double* bn_sums) {
   const int64_t m = a.m, n = a.n;
-  const int64_t c = int64_t(blockIdx.x) * BWD_COLS + threadIdx.x;
-  const T* g = static_cast<const T*>(a.g);
-  const T* z = static_cast<const T*>(a.z);
-  T* dz = static_cast<T*>(a.dz);
-  double v[2] = {0.0, 0.0};
-  if (c < n) {
-    const ColumnBackward col = load_column_backward<T>(a, c);
-    // du = du_g · g + du_x · x̂ + du_0 covers every case.
-    double du_g = 1.0, du_x = 0.0, du_0 = 0.0;
-    if (a.batch_norm == FUSED_BN_TRAIN) {
-      const double k = col.gamma * col.invstd;
-      du_g = k;
-      du_x = -k * bn_sums[c] / double(m);
-      du_0 = -k * bn_sums[n + c] / double(m);
-    } else if (a.batch_norm == FUSED_BN_EVAL) {
-      du_g = col.gamma * col.invstd;
+  const int64_t c0 = (int64_t(blockIdx.x) * BWD_COLS + threadIdx.x) * V;
+  const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
+  const T* __restrict__ g = static_cast<const T*>(a.g);
+  const T* __restrict__ z = static_cast<const T*>(a.z);
+  T* __restrict__ dz = static_cast<T*>(a.dz);
+  double v[2][V] = {};
+  if (inside) {
+    // du = du_g · g + du_x · x̂ + du_0 covers every case; without z the epilogue is linear and
+    // dy/dz = s (+ 1 with the residual).
+    ColumnBackward col[V];
+    double du_g[V], du_x[V], du_0[V];
+    float constant_grad[V];
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      col[i] = load_column_backward<T>(a, c0 + i);
+      const double k = col[i].gamma * col[i].invstd;
+      du_g[i] = a.batch_norm == FUSED_BN_NONE ? 1.0 : k;
+      du_x[i] = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[c0 + i] / double(m) : 0.0;
+      du_0[i] = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[n + c0 + i] / double(m) : 0.0;
+      constant_grad[i] = col[i].scale + (a.residual ? 1.f : 0.f);
     }
-    // Without z the epilogue is linear: dy/dz = s (+ 1 with the residual).
-    const float constant_grad = col.scale + (a.residual ? 1.f : 0.f);
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
     dispatch_epilogue(a.activation, a.residual != 0, [&](auto epi) {
+#pragma unroll 4
       for (int64_t r = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r < r_end; r += BWD_ROWS) {
-        const int64_t i = r * n + c;
-        const double gv = to_float(g[i]);
-        double d;
-        if (z != nullptr) {
-          const float zv = to_float(z[i]);
-          const double xhat = (double(epi.apply(zv, col.scale)) - col.mean) * col.invstd;
-          const double du = du_g * gv + du_x * xhat + du_0;
-          d = du * double(epi.grad(zv, col.scale));
-          if (a.has_scale) v[1] += du * double(epi.act(zv));
-        } else {
-          d = gv * double(constant_grad);
+        const int64_t at = r * n + c0;
+        float gv[V], zv[V], out[V];
+        load_pack<T, V>(g + at, gv);
+        if (z != nullptr) load_pack<T, V>(z + at, zv);
+#pragma unroll
+        for (int i = 0; i < V; ++i) {
+          double d;
+          if (z == nullptr) {
+            d = gv[i] * double(constant_grad[i]);
+          } else if (a.batch_norm == FUSED_BN_NONE) {
+            // du = g: no x̂, so the activation runs once or twice per element, not three times.
+            d = double(gv[i]) * double(epi.grad(zv[i], col[i].scale));
+            if (a.has_scale) v[1][i] += double(gv[i]) * double(epi.act(zv[i]));
+          } else {
+            const double xhat = (double(epi.apply(zv[i], col[i].scale)) - col[i].mean) * col[i].invstd;
+            const double du = du_g[i] * gv[i] + du_x[i] * xhat + du_0[i];
+            d = du * double(epi.grad(zv[i], col[i].scale));
+            if (a.has_scale) v[1][i] += du * double(epi.act(zv[i]));
+          }
+          out[i] = float(d);
+          v[0][i] += d;
         }
-        dz[i] = from_float<T>(float(d));
-        v[0] += d;
+        store_pack<T, V>(dz + at, out);
       }
     });
   }
-  write_column_partials<2>(v, 1 + a.has_scale, partials, n, c);
+  write_column_partials<2, V>(v, 1 + a.has_scale, partials, n, c0, inside);
 }
 
 // Adds the chunks of each column in order: `out` gets `nsum` rows in T, `out_f64` (optional)
@@ -153,26 +197,26 @@ __global__ void reduce_partials_kernel(const double* partials, int64_t chunks, i
   }
 }
 
-template <class T>
+template <class T, int V>
 cudaError_t launch_backward(const FusedBackwardArgs& a, cudaStream_t stream) {
-  const int64_t chunk_rows = backward_chunk_rows(a.m);
+  const int64_t chunk_rows = backward_chunk_rows(a.m, a.n, a.dtype);
   const int64_t chunks = ceil_div(a.m, chunk_rows);
   // The workspace holds doubles: the partials, then [d_gamma; d_beta].
   double* partials = reinterpret_cast<double*>(a.workspace);
   double* bn_sums = partials + chunks * 2 * a.n;
   T* dparams = static_cast<T*>(a.dparams);
-  const dim3 grid(unsigned(ceil_div(a.n, BWD_COLS)), unsigned(chunks));
+  const dim3 grid(unsigned(ceil_div(a.n, BWD_COLS * V)), unsigned(chunks));
   const dim3 block(BWD_COLS, BWD_ROWS);
   const unsigned reduce_blocks = unsigned(ceil_div(a.n, 256));
   const int64_t gamma_row = 1 + a.has_scale;
   if (a.batch_norm != FUSED_BN_NONE) {
-    batch_norm_sums_kernel<T><<<grid, block, 0, stream>>>(a, chunk_rows, partials);
+    batch_norm_sums_kernel<T, V><<<grid, block, 0, stream>>>(a, chunk_rows, partials);
     FUSED_TRY(cudaGetLastError());
     reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 2, a.n,
                                                                  dparams + gamma_row * a.n, bn_sums);
     FUSED_TRY(cudaGetLastError());
   }
-  epilogue_backward_kernel<T><<<grid, block, 0, stream>>>(a, chunk_rows, partials, bn_sums);
+  epilogue_backward_kernel<T, V><<<grid, block, 0, stream>>>(a, chunk_rows, partials, bn_sums);
   FUSED_TRY(cudaGetLastError());
   reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 1 + a.has_scale, a.n, dparams,
                                                                nullptr);
@@ -187,7 +231,7 @@ cudaError_t launch_backward(const FusedBackwardArgs& a, cudaStream_t stream) {
 }  // namespace fused
 
 extern "C" int64_t fused_backward_workspace_floats(const FusedBackwardArgs* a) {
-  const int64_t chunks = fused::ceil_div(a->m, fused::backward_chunk_rows(a->m));
+  const int64_t chunks = fused::ceil_div(a->m, fused::backward_chunk_rows(a->m, a->n, a->dtype));
   const int64_t doubles = chunks * 2 * a->n + 2 * a->n;
   return 2 * doubles;  // the workspace holds doubles; cudaMalloc's alignment suits them
 }
@@ -200,5 +244,10 @@ extern "C" cudaError_t fused_backward(const FusedBackwardArgs* a, cudaStream_t s
   const bool needs_z = a->activation != ACT_IDENTITY || a->has_scale || a->batch_norm != FUSED_BN_NONE;
   if (needs_z && a->z == nullptr) return cudaErrorInvalidValue;
   if (a->batch_norm != FUSED_BN_NONE && a->stats == nullptr) return cudaErrorInvalidValue;
-  return with_dtype(a->dtype, [&](auto tag) { return launch_backward<decltype(tag)>(*a, stream); });
+  return with_dtype(a->dtype, [&](auto tag) {
+    using T = decltype(tag);
+    constexpr int V = backward_pack<T>();
+    return packs_fit<T, V>(a->n, {a->g, a->z, a->dz}) ? launch_backward<T, V>(*a, stream)
+                                                       : launch_backward<T, 1>(*a, stream);
+  });
 }

@@ -1,67 +1,134 @@
 // Training-mode BatchNorm after the fused GEMM: merge the per-tile statistics, normalise y.
 //
-// The GEMM kernel left, for every (row tile, column), the mean and the sum of squared
-// deviations (M2) of u over that tile. Merging them with Chan's parallel update is exact in
-// the way the textbook Σu² − (Σu)²/n is not: no cancellation when |mean| ≫ std. One light
-// kernel does both jobs: a block first merges the partials of its 64 columns (each block of a
-// column strip repeats this small merge instead of paying a second launch), then rewrites its
-// rows of y as (u − mean) / sqrt(var + eps) · gamma + beta. Threads run along the columns, so
-// every row access is coalesced.
+// The GEMM (or, on Hopper, a light pass after it) left, for every (row tile, column), the mean
+// and the sum of squared deviations (M2) of u over that tile. Merging them with Chan's parallel
+// update is exact in the way the textbook Σu² − (Σu)²/n is not: no cancellation when |mean| ≫
+// std. Two kernels, one job each:
+//   - merge: the partials of each feature are merged (by eight threads, then one), which writes
+//     the batch statistics and the normalisation factor γ/sqrt(var + eps);
+//   - normalise: rewrites y in place as (u − mean)·factor + β, a pure streaming pass in which
+//     each thread moves 8-byte packs of a row and a warp covers 32 packs of it, so every row
+//     access is coalesced and each thread keeps two rows in flight.
 #include "common.cuh"
 #include "epilogue.cuh"
 
 namespace fused {
 
-constexpr int FINALIZE_COLS = 64, FINALIZE_ROWS = 4;
+constexpr int MERGE_COLS = 32, MERGE_GROUPS = 8;
+constexpr int NORM_COLS = 32, NORM_ROWS = 8, NORM_UNROLL = 2;
 
+// Floats of workspace for the train-mode BatchNorm with partials over tiles of `row_tile` rows:
+// the partial means, the partial M2s, then the factor and β of each feature.
+int64_t batch_norm_train_workspace_floats(int64_t m, int64_t n, int64_t row_tile) {
+  return 2 * ceil_div(m, row_tile) * n + 2 * n;
+}
+
+// (count, mean, M2) of a set of rows, merged with Chan's parallel update.
+struct RowStats {
+  float count = 0.f, mean = 0.f, m2 = 0.f;
+  __device__ __forceinline__ void merge(float nb, float mb, float m2b) {
+    if (nb == 0.f) return;
+    const float total = count + nb;
+    const float delta = mb - mean;
+    mean += delta * (nb / total);
+    m2 += m2b + delta * delta * (count * nb / total);
+    count = total;
+  }
+};
+
+// A block merges MERGE_COLS features: its MERGE_GROUPS thread rows each merge every
+// MERGE_GROUPS-th tile (independent loads in flight instead of one dependent chain per
+// feature), then the first row merges the groups, in a fixed order.
 template <class T>
-__global__ void __launch_bounds__(FINALIZE_COLS* FINALIZE_ROWS)
-    batch_norm_finalize_kernel(const FusedLinearArgs a, int64_t row_tile, int64_t rows_per_block) {
-  __shared__ BatchNormFold fold[FINALIZE_COLS];
+__global__ void __launch_bounds__(MERGE_COLS* MERGE_GROUPS) batch_norm_merge_kernel(const FusedLinearArgs a,
+                                                                                   int64_t row_tile) {
+  __shared__ RowStats groups[MERGE_GROUPS][MERGE_COLS];
   const int64_t m = a.m, n = a.n;
-  const int64_t c = int64_t(blockIdx.x) * FINALIZE_COLS + threadIdx.x;
-  if (threadIdx.y == 0 && c < n) {
-    const int64_t tiles = ceil_div(m, row_tile);
+  const int64_t c = int64_t(blockIdx.x) * MERGE_COLS + threadIdx.x;
+  const int64_t tiles = ceil_div(m, row_tile);
+  RowStats part;
+  if (c < n) {
     const float* ws_mean = a.workspace;
     const float* ws_m2 = a.workspace + tiles * n;
-    float count = 0.f, mean = 0.f, m2 = 0.f;
-    for (int64_t tile = 0; tile < tiles; ++tile) {
-      const float nb = float(min(row_tile, m - tile * row_tile));
-      const float mb = ws_mean[tile * n + c];
-      const float total = count + nb;
-      const float delta = mb - mean;
-      mean += delta * (nb / total);
-      m2 += ws_m2[tile * n + c] + delta * delta * (count * nb / total);
-      count = total;
+    for (int64_t tile = threadIdx.y; tile < tiles; tile += MERGE_GROUPS) {
+      part.merge(float(min(row_tile, m - tile * row_tile)), ws_mean[tile * n + c], ws_m2[tile * n + c]);
     }
-    const float var = m2 / float(m);
-    if (blockIdx.y == 0) {
-      a.stats[c] = mean;
-      a.stats[n + c] = var;
-    }
-    const T* p = static_cast<const T*>(a.params);
-    const int64_t gamma_row = 1 + a.has_scale;
-    fold[threadIdx.x] =
-        batch_norm_fold(mean, var, to_float(p[gamma_row * n + c]), to_float(p[(gamma_row + 1) * n + c]), a.eps);
   }
+  groups[threadIdx.y][threadIdx.x] = part;
   __syncthreads();
-  if (c >= n) return;
-  const BatchNormFold f = fold[threadIdx.x];
+  if (threadIdx.y != 0 || c >= n) return;
+  RowStats all;
+  for (int g = 0; g < MERGE_GROUPS; ++g) all.merge(groups[g][threadIdx.x].count, groups[g][threadIdx.x].mean,
+                                                   groups[g][threadIdx.x].m2);
+  const float var = all.m2 / float(m);
+  a.stats[c] = all.mean;
+  a.stats[n + c] = var;
+  const T* p = static_cast<const T*>(a.params);
+  const int64_t gamma_row = 1 + a.has_scale;
+  const BatchNormFold fold =
+      batch_norm_fold(all.mean, var, to_float(p[gamma_row * n + c]), to_float(p[(gamma_row + 1) * n + c]), a.eps);
+  float* folds = a.workspace + 2 * tiles * n;
+  folds[c] = fold.factor;
+  folds[n + c] = fold.beta;
+}
+
+// Rows per block of the normalise kernel: one unrolled sweep, or more where the grid would grow
+// past its limit.
+int64_t normalize_rows_per_block(int64_t m) {
+  constexpr int64_t sweep = NORM_ROWS * NORM_UNROLL;
+  return sweep * ceil_div(ceil_div(m, sweep), 65535);
+}
+
+template <class T, int V>
+__global__ void __launch_bounds__(NORM_COLS* NORM_ROWS, 4)
+    batch_norm_normalize_kernel(const FusedLinearArgs a, const float* folds, int64_t rows_per_block) {
+  const int64_t m = a.m, n = a.n;
+  const int64_t c0 = (int64_t(blockIdx.x) * NORM_COLS + threadIdx.x) * V;
+  if (c0 >= n) return;  // V divides n, so a pack lies wholly inside the row or wholly outside
+  BatchNormFold fold[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) fold[i] = BatchNormFold{a.stats[c0 + i], folds[c0 + i], folds[n + c0 + i]};
   T* y = static_cast<T*>(a.y);
   const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * rows_per_block);
-  for (int64_t r = int64_t(blockIdx.y) * rows_per_block + threadIdx.y; r < r_end; r += FINALIZE_ROWS) {
-    y[r * n + c] = from_float<T>(f.apply(to_float(y[r * n + c])));
+  for (int64_t r0 = int64_t(blockIdx.y) * rows_per_block + threadIdx.y; r0 < r_end;
+       r0 += NORM_ROWS * NORM_UNROLL) {
+    // All loads first, then the stores: the rows are independent, and this keeps
+    // NORM_UNROLL packs in flight per thread.
+    float u[NORM_UNROLL][V];
+#pragma unroll
+    for (int j = 0; j < NORM_UNROLL; ++j) {
+      const int64_t r = r0 + j * NORM_ROWS;
+      if (r < r_end) load_pack<T, V>(y + r * n + c0, u[j]);
+    }
+#pragma unroll
+    for (int j = 0; j < NORM_UNROLL; ++j) {
+      const int64_t r = r0 + j * NORM_ROWS;
+      if (r >= r_end) continue;
+#pragma unroll
+      for (int i = 0; i < V; ++i) u[j][i] = fold[i].apply(u[j][i]);
+      store_pack<T, V>(y + r * n + c0, u[j]);
+    }
   }
 }
 
+template <class T, int V>
+cudaError_t launch_batch_norm_normalize(const FusedLinearArgs& a, const float* folds, cudaStream_t stream) {
+  const int64_t rows_per_block = normalize_rows_per_block(a.m);
+  const dim3 grid(unsigned(ceil_div(a.n, NORM_COLS * V)), unsigned(ceil_div(a.m, rows_per_block)));
+  batch_norm_normalize_kernel<T, V><<<grid, dim3(NORM_COLS, NORM_ROWS), 0, stream>>>(a, folds, rows_per_block);
+  return cudaGetLastError();
+}
+
 cudaError_t batch_norm_train_finalize(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream) {
-  // At most 32 row blocks per column strip, so the repeated merge stays a small fraction.
-  const int64_t rows_per_block = max(int64_t(64), ceil_div(a.m, 32));
-  const dim3 grid(unsigned(ceil_div(a.n, FINALIZE_COLS)), unsigned(ceil_div(a.m, rows_per_block)));
-  const dim3 block(FINALIZE_COLS, FINALIZE_ROWS);
+  const float* folds = a.workspace + 2 * ceil_div(a.m, row_tile) * a.n;
   return with_dtype(a.dtype, [&](auto tag) {
-    batch_norm_finalize_kernel<decltype(tag)><<<grid, block, 0, stream>>>(a, row_tile, rows_per_block);
-    return cudaGetLastError();
+    using T = decltype(tag);
+    batch_norm_merge_kernel<T>
+        <<<unsigned(ceil_div(a.n, MERGE_COLS)), dim3(MERGE_COLS, MERGE_GROUPS), 0, stream>>>(a, row_tile);
+    FUSED_TRY(cudaGetLastError());
+    constexpr int V = pack_width<T, 8>();
+    return packs_fit<T, V>(a.n, {a.y}) ? launch_batch_norm_normalize<T, V>(a, folds, stream)
+                                       : launch_batch_norm_normalize<T, 1>(a, folds, stream);
   });
 }
 

@@ -7,6 +7,8 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <initializer_list>
+
 #include "fused_linear.h"
 
 // Returns the error of a CUDA runtime call from the enclosing function.
@@ -53,6 +55,46 @@ __device__ __forceinline__ void store_pair(__half* p, float a, float b) {
 }
 __device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
+}
+
+// V neighbouring elements moved with one access of V·sizeof(T) bytes and converted to or from
+// f32: the memory-bound kernels move whole packs so that each warp has many bytes in flight.
+// The address must be aligned to the pack (see packs_fit).
+template <class T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T e[V];
+};
+
+template <class T, int V>
+__device__ __forceinline__ void load_pack(const T* p, float (&out)[V]) {
+  const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
+#pragma unroll
+  for (int i = 0; i < V; ++i) out[i] = to_float(pack.e[i]);
+}
+
+template <class T, int V>
+__device__ __forceinline__ void store_pack(T* p, const float (&in)[V]) {
+  Pack<T, V> pack;
+#pragma unroll
+  for (int i = 0; i < V; ++i) pack.e[i] = from_float<T>(in[i]);
+  *reinterpret_cast<Pack<T, V>*>(p) = pack;
+}
+
+// Elements of type T in a pack of `BYTES` bytes.
+template <class T, int BYTES>
+constexpr int pack_width() {
+  return BYTES / int(sizeof(T));
+}
+
+// Whether rows of n elements of type T, starting at each of `pointers` (null ones are skipped),
+// can be read in packs of V: n a multiple of V and every start aligned to the pack.
+template <class T, int V>
+bool packs_fit(int64_t n, std::initializer_list<const void*> pointers) {
+  if (n % V != 0) return false;
+  for (const void* p : pointers) {
+    if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V) != 0) return false;
+  }
+  return true;
 }
 
 // Calls `f(T{})` with the element type named by a FusedDType.

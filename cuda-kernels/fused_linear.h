@@ -77,6 +77,16 @@ cudaError_t fused_backward(const FusedBackwardArgs* args, cudaStream_t stream);
 cudaError_t batch_norm_update_running(void* running, const float* batch, int64_t n, int32_t dtype, float factor,
                                       float weight, cudaStream_t stream);
 
+// The per-feature vectors of a parameter table, each n contiguous elements of the same type.
+#define FUSED_MAX_PARAM_ROWS 6
+typedef struct {
+  const void* row[FUSED_MAX_PARAM_ROWS];
+  int32_t count;  // rows in use, 1..FUSED_MAX_PARAM_ROWS
+} FusedParamRows;
+
+// out (count, n) = the rows stacked, in one launch.
+cudaError_t fused_param_table(const FusedParamRows* rows, void* out, int64_t n, int32_t dtype, cudaStream_t stream);
+
 // out (cols, rows) = in (rows, cols)ᵀ, both contiguous, elements of type `dtype`.
 cudaError_t fused_transpose(const void* in, void* out, int64_t rows, int64_t cols, int32_t dtype,
                             cudaStream_t stream);

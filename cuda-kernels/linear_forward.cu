@@ -4,7 +4,7 @@
 // bias, the activation, the scale, the residual and an eval-mode BatchNorm cost no extra pass
 // over y. A training BatchNorm needs the statistics of whole columns, which no single block
 // sees; the kernel therefore also reduces each (row tile, column) to (mean, M2) while the tile
-// is in registers, and `batch_norm.cu` merges those partials and normalises y in one light pass.
+// is in registers, and `batch_norm.cu` merges those partials and normalises y in light passes.
 //
 // The GEMM is the portable sm80+ design: both operands are K-major (x is (m, k), w is (n, k)),
 // a block of 8 warps computes a 128x256 (16-bit) or 128x128 (f32) tile of y, k advances in
@@ -387,7 +387,7 @@ __device__ __forceinline__ void store_tile(float (&acc)[Tile<T>::MI][Tile<T>::NI
           zv[j] = acc[mi][ni][2 * h + j] + col[j].bias;
           uv[j] = epi.apply(zv[j], col[j].scale);
           // Training keeps u, as stored, for the statistics: they then describe exactly the
-          // values that the finalize kernel normalises.
+          // values that batch_norm.cu normalises.
           if (train) acc[mi][ni][2 * h + j] = to_float(from_float<T>(uv[j]));
         }
         if (r < m && c < n) {
@@ -551,14 +551,16 @@ cudaError_t launch_linear_forward(const FusedLinearArgs& a, cudaStream_t stream)
 int64_t linear_row_tile(int32_t dtype) { return dtype == FUSED_F32 ? Tile<float>::BM : Tile<__half>::BM; }
 
 cudaError_t batch_norm_train_finalize(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream);
+int64_t batch_norm_train_workspace_floats(int64_t m, int64_t n, int64_t row_tile);
 
 }  // namespace fused
 
 extern "C" int64_t fused_linear_workspace_floats(const FusedLinearArgs* a) {
-  const int64_t partials =
-      a->batch_norm == FUSED_BN_TRAIN ? 2 * fused::ceil_div(a->m, fused::linear_row_tile(a->dtype)) * a->n : 0;
-  return partials > fused::linear_sm90_workspace_floats(*a) ? partials
-                                                            : fused::linear_sm90_workspace_floats(*a);
+  const int64_t portable = a->batch_norm == FUSED_BN_TRAIN
+                               ? fused::batch_norm_train_workspace_floats(a->m, a->n, fused::linear_row_tile(a->dtype))
+                               : 0;
+  const int64_t sm90 = fused::linear_sm90_workspace_floats(*a);
+  return portable > sm90 ? portable : sm90;
 }
 
 extern "C" cudaError_t fused_linear_forward(const FusedLinearArgs* a, cudaStream_t stream) {

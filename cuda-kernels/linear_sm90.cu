@@ -30,10 +30,9 @@
 //
 // BatchNorm: eval folds into the last node, f = γ/sqrt(rv + eps) and d = β − rm·f, computed by a
 // small kernel before the GEMM (which also writes the running statistics to `stats`, as the
-// portable path does). Train stores u as y, then a light kernel reduces each (128-row tile,
-// column) of the stored u to (mean, M2) in the portable kernel's workspace layout, and
-// batch_norm.cu's finalize kernel merges them and normalises y in place, exactly as after the
-// portable GEMM.
+// portable path does). Train stores u as y, then a light kernel reduces each (row tile, column)
+// of the stored u to (mean, M2) in the portable kernel's workspace layout, and batch_norm.cu's
+// kernels merge them and normalise y in place, exactly as after the portable GEMM.
 #include "linear_sm90.cuh"
 
 #include "common.cuh"
@@ -54,10 +53,10 @@
 
 namespace fused {
 
-// Defined with the portable path: the row tile of its statistics partials, and the kernel that
-// merges them and normalises y.
-int64_t linear_row_tile(int32_t dtype);
+// Defined in batch_norm.cu: the kernels that merge the statistics partials and normalise y, and
+// the workspace they need.
 cudaError_t batch_norm_train_finalize(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream);
+int64_t batch_norm_train_workspace_floats(int64_t m, int64_t n, int64_t row_tile);
 
 namespace sm90 {
 
@@ -359,85 +358,98 @@ __global__ void batch_norm_eval_fold_kernel(const FusedLinearArgs a) {
 }
 
 // Train: (mean, M2) of the stored u over each (row tile, column), in the layout that
-// batch_norm.cu's finalize kernel merges: workspace[tile·n + c] the means, then the M2s. Two
-// passes over the tile (the second hits L1/L2): exact enough that Chan's merge loses nothing.
-// A thread owns two neighbouring columns (one 2-element access per row; n is even) and strides
-// over the tile's rows with the other threads of its column pair.
-constexpr int STATS_PAIRS = 32, STATS_ROWS = 8;
+// batch_norm.cu's merge kernel reads: workspace[tile·n + c] the means, then the M2s. Two passes
+// over the tile (the second hits L1/L2): exact enough that Chan's merge loses nothing. A thread
+// owns a 16-byte pack of neighbouring columns (or one column where n or y does not allow packs)
+// and strides over the tile's rows with the other STATS_ROWS threads of its column.
+constexpr int STATS_COLS = 32, STATS_ROWS = 8;
 
-template <class T>
-struct Pair;
-template <>
-struct Pair<float> {
-  static __device__ __forceinline__ float2 load(const float* p) { return *reinterpret_cast<const float2*>(p); }
-};
-template <>
-struct Pair<__half> {
-  static __device__ __forceinline__ float2 load(const __half* p) {
-    return __half22float2(*reinterpret_cast<const __half2*>(p));
-  }
-};
-template <>
-struct Pair<__nv_bfloat16> {
-  static __device__ __forceinline__ float2 load(const __nv_bfloat16* p) {
-    return __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p));
-  }
-};
+// Rows per statistics tile: short tiles give the pass enough blocks to fill the GPU, and at most
+// 256 tiles bound the workspace (batch_norm_train_workspace_floats) for tall batches.
+int64_t stats_row_tile(int64_t m) { return max(int64_t(32), STATS_ROWS * ceil_div(ceil_div(m, 256), STATS_ROWS)); }
 
-// Sums `v` over the STATS_ROWS threads of each column pair; every thread gets the total.
-__device__ __forceinline__ float2 column_pair_sum(float2 v, float2 (*red)[STATS_PAIRS]) {
-  red[threadIdx.y][threadIdx.x] = v;
-  __syncthreads();
-  float2 s = make_float2(0.f, 0.f);
+// Sums v over the STATS_ROWS threads of each column; every thread gets its columns' totals.
+template <int V>
+__device__ __forceinline__ void column_sums(float (&v)[V], float* red /* [STATS_ROWS][V][STATS_COLS] */) {
 #pragma unroll
-  for (int i = 0; i < STATS_ROWS; ++i) {
-    s.x += red[i][threadIdx.x].x;
-    s.y += red[i][threadIdx.x].y;
+  for (int i = 0; i < V; ++i) red[(threadIdx.y * V + i) * STATS_COLS + threadIdx.x] = v[i];
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < V; ++i) {
+    float s = 0.f;
+#pragma unroll
+    for (int r = 0; r < STATS_ROWS; ++r) s += red[(r * V + i) * STATS_COLS + threadIdx.x];
+    v[i] = s;
   }
   __syncthreads();
-  return s;
 }
 
-template <class T>
-__global__ void __launch_bounds__(STATS_PAIRS* STATS_ROWS)
+template <class T, int V>
+__global__ void __launch_bounds__(STATS_COLS* STATS_ROWS, 4)
     batch_norm_partials_kernel(const FusedLinearArgs a, int64_t row_tile) {
-  __shared__ float2 red[STATS_ROWS][STATS_PAIRS];
+  __shared__ float red[STATS_ROWS * V * STATS_COLS];
   const int64_t m = a.m, n = a.n;
-  const int64_t c = (int64_t(blockIdx.x) * STATS_PAIRS + threadIdx.x) * 2;
+  const int64_t c0 = (int64_t(blockIdx.x) * STATS_COLS + threadIdx.x) * V;
   const int64_t row0 = int64_t(blockIdx.y) * row_tile, row_end = min(m, row0 + row_tile);
   const T* y = static_cast<const T*>(a.y);
-  const bool inside = c < n;
+  const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
 
-  float2 s = make_float2(0.f, 0.f);
+  float s[V] = {};
   if (inside) {
+#pragma unroll 4
     for (int64_t r = row0 + threadIdx.y; r < row_end; r += STATS_ROWS) {
-      const float2 u = Pair<T>::load(y + r * n + c);
-      s.x += u.x;
-      s.y += u.y;
+      float u[V];
+      load_pack<T, V>(y + r * n + c0, u);
+#pragma unroll
+      for (int i = 0; i < V; ++i) s[i] += u[i];
     }
   }
-  s = column_pair_sum(s, red);
+  column_sums<V>(s, red);
   const float count = float(row_end - row0);
-  const float2 mean = make_float2(s.x / count, s.y / count);
-
-  float2 q = make_float2(0.f, 0.f);
+  float mean[V];
+#pragma unroll
+  for (int i = 0; i < V; ++i) mean[i] = s[i] / count;
+  float q[V] = {};
   if (inside) {
+#pragma unroll 4
     for (int64_t r = row0 + threadIdx.y; r < row_end; r += STATS_ROWS) {
-      const float2 u = Pair<T>::load(y + r * n + c);
-      const float dx = u.x - mean.x, dy = u.y - mean.y;
-      q.x += dx * dx;
-      q.y += dy * dy;
+      float u[V];
+      load_pack<T, V>(y + r * n + c0, u);
+#pragma unroll
+      for (int i = 0; i < V; ++i) {
+        const float d = u[i] - mean[i];
+        q[i] += d * d;
+      }
     }
   }
-  q = column_pair_sum(q, red);
+  column_sums<V>(q, red);
   if (inside && threadIdx.y == 0) {
     float* ws_mean = a.workspace + int64_t(blockIdx.y) * n;
     float* ws_m2 = a.workspace + (int64_t(gridDim.y) + blockIdx.y) * n;
-    ws_mean[c] = mean.x;
-    ws_mean[c + 1] = mean.y;
-    ws_m2[c] = q.x;
-    ws_m2[c + 1] = q.y;
+#pragma unroll
+    for (int i = 0; i < V; ++i) {
+      ws_mean[c0 + i] = mean[i];
+      ws_m2[c0 + i] = q[i];
+    }
   }
+}
+
+template <class T, int V>
+cudaError_t launch_batch_norm_partials(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream) {
+  const dim3 grid(unsigned(ceil_div(a.n, STATS_COLS * V)), unsigned(ceil_div(a.m, row_tile)));
+  batch_norm_partials_kernel<T, V><<<grid, dim3(STATS_COLS, STATS_ROWS), 0, stream>>>(a, row_tile);
+  return cudaGetLastError();
+}
+
+// The train-mode BatchNorm after the GEMM stored u as y: partials, then merge and normalise.
+template <class T>
+cudaError_t batch_norm_train_after_gemm(const FusedLinearArgs& a, cudaStream_t stream) {
+  const int64_t row_tile = stats_row_tile(a.m);
+  constexpr int V = pack_width<T, 16>();
+  const cudaError_t partials = packs_fit<T, V>(a.n, {a.y}) ? launch_batch_norm_partials<T, V>(a, row_tile, stream)
+                                                           : launch_batch_norm_partials<T, 1>(a, row_tile, stream);
+  FUSED_TRY(partials);
+  return batch_norm_train_finalize(a, row_tile, stream);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -528,13 +540,7 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
       return e != cudaSuccess ? e : cudaErrorLaunchFailure;
     }
     FUSED_TRY(cudaGetLastError());
-    if (a.batch_norm == FUSED_BN_TRAIN) {
-      const int64_t row_tile = linear_row_tile(a.dtype);
-      const dim3 grid(unsigned(ceil_div(a.n, 2 * STATS_PAIRS)), unsigned(ceil_div(a.m, row_tile)));
-      batch_norm_partials_kernel<T><<<grid, dim3(STATS_PAIRS, STATS_ROWS), 0, stream>>>(a, row_tile);
-      FUSED_TRY(cudaGetLastError());
-      FUSED_TRY(batch_norm_train_finalize(a, row_tile, stream));
-    }
+    if (a.batch_norm == FUSED_BN_TRAIN) return batch_norm_train_after_gemm<T>(a, stream);
     return cudaSuccess;
   }();
   return true;
@@ -566,7 +572,11 @@ bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaErro
 }
 
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
-  return a.batch_norm == FUSED_BN_EVAL ? 2 * a.n : 0;
+  switch (a.batch_norm) {
+    case FUSED_BN_EVAL: return 2 * a.n;
+    case FUSED_BN_TRAIN: return batch_norm_train_workspace_floats(a.m, a.n, sm90::stats_row_tile(a.m));
+    default: return 0;
+  }
 }
 
 }  // namespace fused

@@ -96,6 +96,19 @@ pub(crate) struct FusedBackwardArgs {
     pub eps: f32,
 }
 
+/// `FUSED_MAX_PARAM_ROWS`: the most vectors a parameter table holds.
+pub(crate) const MAX_PARAM_ROWS: usize = 6;
+
+/// `FusedParamRows`: the per-feature vectors of a parameter table.
+#[repr(C)]
+#[derive(Debug)]
+pub(crate) struct FusedParamRows {
+    /// Device addresses of the vectors; the first `count` are used.
+    pub row: [*const c_void; MAX_PARAM_ROWS],
+    /// Vectors in use.
+    pub count: i32,
+}
+
 extern "C" {
     /// Floats of workspace that `fused_linear_forward` needs.
     pub(crate) fn fused_linear_workspace_floats(args: *const FusedLinearArgs) -> i64;
@@ -113,6 +126,14 @@ extern "C" {
         dtype: i32,
         factor: f32,
         weight: f32,
+        stream: *mut c_void,
+    ) -> c_int;
+    /// `out (count, n)` = the vectors of `rows` stacked, on `stream`; returns a `cudaError_t`.
+    pub(crate) fn fused_param_table(
+        rows: *const FusedParamRows,
+        out: *mut c_void,
+        n: i64,
+        dtype: i32,
         stream: *mut c_void,
     ) -> c_int;
     /// `out (cols, rows) = in (rows, cols)ᵀ` on `stream`; returns a `cudaError_t`.

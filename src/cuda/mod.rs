@@ -176,7 +176,8 @@ fn forward(
         usize::try_from(unsafe { ffi::fused_linear_workspace_floats(&args) }).unwrap_or(0);
     let mut workspace = match workspace_len {
         0 => None,
-        // SAFETY: the GEMM kernel writes every partial before the finalize kernel reads it.
+        // SAFETY: the kernels write every float of it before they read it: the partials before
+        // the merge, the merged factors before the normalisation.
         len => Some(unsafe { dev.alloc::<f32>(len)? }),
     };
     {
@@ -357,6 +358,59 @@ pub(crate) fn transpose(a: Operand, (rows, cols): (usize, usize)) -> Result<Cuda
                 )
             },
             "fused_transpose",
+        )?;
+    }
+    Ok(out)
+}
+
+/// The `(rows.len(), n)` parameter table of per-feature vectors, each `n` contiguous elements
+/// of one dtype, stacked by one kernel launch.
+pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
+    const OP: &str = "fused parameter table";
+    if rows.is_empty() || rows.len() > ffi::MAX_PARAM_ROWS {
+        bail!(
+            "{OP}: takes 1 to {} vectors, got {}",
+            ffi::MAX_PARAM_ROWS,
+            rows.len()
+        );
+    }
+    if n == 0 {
+        bail!("{OP}: the vectors are empty");
+    }
+    let names: Vec<String> = (0..rows.len()).map(|i| format!("vector {i}")).collect();
+    let named: Vec<_> = names.iter().zip(rows).map(|(name, r)| (name.as_str(), r.0)).collect();
+    let dtype = operand_dtype(OP, &named)?;
+    let dev = rows[0].0.device().clone();
+    let stream = dev.cuda_stream();
+    let mut out = alloc(&dev, dtype, rows.len() * n)?;
+    {
+        bind(&stream, OP)?;
+        let inputs = names
+            .iter()
+            .zip(rows)
+            .map(|(name, r)| input_ptr(r.0, r.1, n, &stream, name))
+            .collect::<Result<Vec<_>>>()?;
+        let (output, _go) = output_ptr(&mut out, &stream)?;
+        let mut table = ffi::FusedParamRows {
+            row: [std::ptr::null(); ffi::MAX_PARAM_ROWS],
+            count: rows.len() as i32,
+        };
+        for (slot, (ptr, _)) in table.row.iter_mut().zip(&inputs) {
+            *slot = *ptr;
+        }
+        // SAFETY: every row pointer is a live device allocation of n elements and the output one
+        // of rows * n, ordered on candle's stream by the guards.
+        check(
+            unsafe {
+                ffi::fused_param_table(
+                    &table,
+                    output,
+                    n as i64,
+                    ffi_dtype(dtype)?,
+                    stream.cu_stream() as *mut c_void,
+                )
+            },
+            "fused_param_table",
         )?;
     }
     Ok(out)

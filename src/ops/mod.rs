@@ -214,7 +214,9 @@ fn describe_device(device: &Device) -> String {
 }
 
 /// Stacks per-feature vectors into the op's `(rows, out)` table (autograd splits its gradient
-/// back). A missing bias becomes a constant zero row.
+/// back). A missing bias becomes a constant zero row. On CUDA, contiguous vectors that no
+/// gradient flows through (inference, or a traced call's detached operands) are stacked by one
+/// kernel launch instead of one copy per vector: the table is built before every GEMM.
 fn param_table(bias: Option<&Tensor>, rest: &[&Tensor], like: &Tensor) -> Result<Tensor> {
     let zero_bias;
     let bias = match bias {
@@ -226,7 +228,60 @@ fn param_table(bias: Option<&Tensor>, rest: &[&Tensor], like: &Tensor) -> Result
     };
     let mut rows = vec![bias];
     rows.extend_from_slice(rest);
+    #[cfg(feature = "cuda")]
+    if rows.len() > 1
+        && like.device().is_cuda()
+        && rows.iter().all(|t| t.is_contiguous() && !t.track_op())
+    {
+        let rest = rows[1..].iter().map(|t| (*t).clone()).collect();
+        return bias.apply_op1_no_bwd(&StackVectors { rest });
+    }
     // Stacking a single row is a view of it, strided when the bias is: the kernels need a
     // contiguous table.
     Tensor::stack(&rows, 0)?.contiguous()
+}
+
+/// [`param_table`]'s one-launch stack on CUDA: the op's input is the first vector, `rest` the
+/// others, all contiguous, of one dtype and length, on one device.
+#[cfg(feature = "cuda")]
+struct StackVectors {
+    rest: Vec<Tensor>,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for StackVectors {
+    fn name(&self) -> &'static str {
+        "fused-param-table"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        bail!("fused parameter table: the one-launch stack is for CUDA tensors")
+    }
+
+    fn cuda_fwd(
+        &self,
+        first: &candle_core::CudaStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let n = layout.shape().elem_count();
+        let guards: Vec<_> = self.rest.iter().map(|t| t.storage_and_layout()).collect();
+        let mut rows = vec![(first, layout.start_offset())];
+        for (storage, l) in &guards {
+            match &**storage {
+                candle_core::Storage::Cuda(s) if l.shape().elem_count() == n => {
+                    rows.push((s, l.start_offset()))
+                }
+                candle_core::Storage::Cuda(_) => {
+                    bail!("fused parameter table: vectors of different lengths")
+                }
+                _ => bail!("fused parameter table: every vector must be on the CUDA device"),
+            }
+        }
+        let table = crate::cuda::param_table(&rows, n)?;
+        Ok((table, (rows.len(), n).into()))
+    }
 }
