@@ -378,7 +378,11 @@ pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
         bail!("{OP}: the vectors are empty");
     }
     let names: Vec<String> = (0..rows.len()).map(|i| format!("vector {i}")).collect();
-    let named: Vec<_> = names.iter().zip(rows).map(|(name, r)| (name.as_str(), r.0)).collect();
+    let named: Vec<_> = names
+        .iter()
+        .zip(rows)
+        .map(|(name, r)| (name.as_str(), r.0))
+        .collect();
     let dtype = operand_dtype(OP, &named)?;
     let dev = rows[0].0.device().clone();
     let stream = dev.cuda_stream();

@@ -233,7 +233,7 @@ fn param_table(bias: Option<&Tensor>, rest: &[&Tensor], like: &Tensor) -> Result
         && like.device().is_cuda()
         && rows.iter().all(|t| t.is_contiguous() && !t.track_op())
     {
-        let rest = rows[1..].iter().map(|t| (*t).clone()).collect();
+        let rest = rows[1..].iter().copied().cloned().collect();
         return bias.apply_op1_no_bwd(&StackVectors { rest });
     }
     // Stacking a single row is a view of it, strided when the bias is: the kernels need a
