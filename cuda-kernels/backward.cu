@@ -71,7 +71,7 @@ __device__ __forceinline__ void write_column_partials(const double (&v)[NSUM][V]
 
 // Per-column constants of the backward.
 struct ColumnBackward {
-  float bias, scale;
+  float scale;
   double mean, invstd, gamma;
 };
 
@@ -79,7 +79,7 @@ template <class T>
 __device__ __forceinline__ ColumnBackward load_column_backward(const FusedBackwardArgs& a, int64_t c) {
   const T* p = static_cast<const T*>(a.params);
   const int64_t n = a.n;
-  ColumnBackward col{to_float(p[c]), a.has_scale ? to_float(p[n + c]) : a.scale, 0.0, 1.0, 1.0};
+  ColumnBackward col{a.has_scale ? to_float(p[n + c]) : a.scale, 0.0, 1.0, 1.0};
   if (a.batch_norm != FUSED_BN_NONE) {
     col.mean = a.stats[c];
     col.invstd = 1.0 / sqrt(double(a.stats[n + c]) + double(a.eps));

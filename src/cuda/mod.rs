@@ -377,11 +377,13 @@ pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
     if n == 0 {
         bail!("{OP}: the vectors are empty");
     }
-    let names: Vec<String> = (0..rows.len()).map(|i| format!("vector {i}")).collect();
-    let named: Vec<_> = names
+    const NAMES: [&str; ffi::MAX_PARAM_ROWS] = [
+        "vector 0", "vector 1", "vector 2", "vector 3", "vector 4", "vector 5",
+    ];
+    let named: Vec<_> = NAMES
         .iter()
         .zip(rows)
-        .map(|(name, r)| (name.as_str(), r.0))
+        .map(|(name, r)| (*name, r.0))
         .collect();
     let dtype = operand_dtype(OP, &named)?;
     let dev = rows[0].0.device().clone();
@@ -389,7 +391,7 @@ pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
     let mut out = alloc(&dev, dtype, rows.len() * n)?;
     {
         bind(&stream, OP)?;
-        let inputs = names
+        let inputs = NAMES
             .iter()
             .zip(rows)
             .map(|(name, r)| input_ptr(r.0, r.1, n, &stream, name))
