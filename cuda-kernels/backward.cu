@@ -7,17 +7,20 @@
 // leave one partial sum per (chunk, column) in a workspace, in a fixed order, and a small
 // kernel adds the chunks of each column in order.
 //
-// The per-element gradients and every sum are carried in double. Under a training BatchNorm
-// the gradients of the bias and of a per-feature scale are sums whose terms cancel almost
-// exactly (the normalisation removes any shift and, up to eps, any scale of its input), so the
-// rounding of f32 terms would dominate what is left; these kernels are memory-bound, and the
-// doubles cost no time.
+// Every sum is carried in double, and under a BatchNorm so are the per-element gradients: in
+// training the gradients of the bias and of a per-feature scale are sums whose terms cancel
+// almost exactly (the normalisation removes any shift and, up to eps, any scale of its input),
+// so the rounding of f32 terms would dominate what is left. Without a BatchNorm the
+// per-element gradient is f32, as the dz it is stored to: the doubles' registers cost occupancy
+// in these latency-bound kernels (docs/BENCHMARKS.md has the measurements).
 //
 // The BatchNorm backward in training needs Σ g and Σ g · x̂ before it can form any du, so it
 // runs one extra sweep (the same sums, which are also d_beta and d_gamma) first:
 //   du = γ · invstd / m · (m · g − Σg − x̂ · Σ g·x̂)      (train)
 //   du = g · γ · invstd                                   (eval, running statistics)
 // and then the epilogue backward from du.
+#include <type_traits>
+
 #include "common.cuh"
 #include "epilogue.cuh"
 
@@ -122,11 +125,14 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
 }
 
 // The epilogue backward, from g (no BatchNorm) or from the du of the BatchNorm: writes dz and
-// partial Σ dz, Σ du·act(z) per column.
-template <class T, int V>
+// partial Σ dz, Σ du·act(z) per column. Without a BatchNorm nothing cancels, so the per-element
+// gradient is computed in f32 (as the stored dz is) and only the sums are carried in double:
+// that instantiation keeps fewer registers, hence more rows in flight, than the BatchNorm one.
+template <class T, int V, bool BatchNorm>
 __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
     epilogue_backward_kernel(const FusedBackwardArgs a, int64_t chunk_rows, double* partials,
                              const double* bn_sums) {
+  using Real = std::conditional_t<BatchNorm, double, float>;  // the per-element arithmetic
   const int64_t m = a.m, n = a.n;
   const int64_t c0 = (int64_t(blockIdx.x) * BWD_COLS + threadIdx.x) * V;
   const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
@@ -135,18 +141,22 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
   T* __restrict__ dz = static_cast<T*>(a.dz);
   double v[2][V] = {};
   if (inside) {
-    // du = du_g · g + du_x · x̂ + du_0 covers every case; without z the epilogue is linear and
-    // dy/dz = s (+ 1 with the residual).
+    // du = du_g · g + du_x · x̂ + du_0 covers every BatchNorm, with x̂ = (u − mean) · invstd:
+    // du = du_g · g + du_u · u + du_1 keeps three constants per column instead of five (the
+    // register budget of three blocks per SM), and in double u · du_u − mean · du_u loses nothing
+    // that matters. Without z the epilogue is linear and dy/dz = s (+ 1 with the residual).
     ColumnBackward col[V];
-    double du_g[V], du_x[V], du_0[V];
+    Real du_g[V], du_u[V], du_1[V];
     float constant_grad[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       col[i] = load_column_backward<T>(a, c0 + i);
       const double k = col[i].gamma * col[i].invstd;
+      const double du_x = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[c0 + i] / double(m) : 0.0;
+      const double du_0 = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[n + c0 + i] / double(m) : 0.0;
       du_g[i] = a.batch_norm == FUSED_BN_NONE ? 1.0 : k;
-      du_x[i] = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[c0 + i] / double(m) : 0.0;
-      du_0[i] = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[n + c0 + i] / double(m) : 0.0;
+      du_u[i] = du_x * col[i].invstd;
+      du_1[i] = du_0 - du_u[i] * col[i].mean;
       constant_grad[i] = col[i].scale + (a.residual ? 1.f : 0.f);
     }
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
@@ -159,21 +169,19 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
         if (z != nullptr) load_pack<T, V>(z + at, zv);
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          double d;
-          if (z == nullptr) {
-            d = gv[i] * double(constant_grad[i]);
-          } else if (a.batch_norm == FUSED_BN_NONE) {
-            // du = g: no x̂, so the activation runs once or twice per element, not three times.
-            d = double(gv[i]) * double(epi.grad(zv[i], col[i].scale));
-            if (a.has_scale) v[1][i] += double(gv[i]) * double(epi.act(zv[i]));
+          Real du = gv[i];
+          if constexpr (BatchNorm) {
+            du = du_g[i] * du + du_u[i] * double(epi.apply(zv[i], col[i].scale)) + du_1[i];
+          }
+          Real d;
+          if (!BatchNorm && z == nullptr) {  // a BatchNorm always comes with z
+            d = du * Real(constant_grad[i]);
           } else {
-            const double xhat = (double(epi.apply(zv[i], col[i].scale)) - col[i].mean) * col[i].invstd;
-            const double du = du_g[i] * gv[i] + du_x[i] * xhat + du_0[i];
-            d = du * double(epi.grad(zv[i], col[i].scale));
-            if (a.has_scale) v[1][i] += du * double(epi.act(zv[i]));
+            d = du * Real(epi.grad(zv[i], col[i].scale));
+            if (a.has_scale) v[1][i] += double(du * Real(epi.act(zv[i])));
           }
           out[i] = float(d);
-          v[0][i] += d;
+          v[0][i] += double(d);
         }
         store_pack<T, V>(dz + at, out);
       }
@@ -216,7 +224,11 @@ cudaError_t launch_backward(const FusedBackwardArgs& a, cudaStream_t stream) {
                                                                  dparams + gamma_row * a.n, bn_sums);
     FUSED_TRY(cudaGetLastError());
   }
-  epilogue_backward_kernel<T, V><<<grid, block, 0, stream>>>(a, chunk_rows, partials, bn_sums);
+  if (a.batch_norm == FUSED_BN_NONE) {
+    epilogue_backward_kernel<T, V, false><<<grid, block, 0, stream>>>(a, chunk_rows, partials, bn_sums);
+  } else {
+    epilogue_backward_kernel<T, V, true><<<grid, block, 0, stream>>>(a, chunk_rows, partials, bn_sums);
+  }
   FUSED_TRY(cudaGetLastError());
   reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 1 + a.has_scale, a.n, dparams,
                                                                nullptr);

@@ -228,17 +228,17 @@ struct LinearEpilogue {
 struct Cooperative {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  static constexpr int tile_n = 256;
+  static constexpr int tile_m = 128, tile_n = 256;
 };
 struct PingPong {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedPingpong;
   using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
-  static constexpr int tile_n = 128;
+  static constexpr int tile_m = 128, tile_n = 128;
 };
 struct SplitCooperative {  // the exact f32 tile
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  static constexpr int tile_n = 128;
+  static constexpr int tile_m = 128, tile_n = 128;
 };
 
 // How the mainloop multiplies: once, in the operands' own type (TF32 for f32) ...
@@ -277,7 +277,8 @@ template <class T, class Config>
 struct Gemm {
   using Element = T;
   static constexpr int kAlign = 16 / sizeof(T);  // elements per 16 bytes
-  using CtaTile = Shape<_128, Int<Config::Schedule::tile_n>, Int<Config::k_bytes / int(sizeof(T))>>;
+  using CtaTile =
+      Shape<Int<Config::Schedule::tile_m>, Int<Config::Schedule::tile_n>, Int<Config::k_bytes / int(sizeof(T))>>;
   using Cluster = typename Config::Cluster;
   using MainloopSchedule = typename Config::Schedule::Mainloop;
   using EpilogueSchedule = typename Config::Schedule::Epilogue;
@@ -490,6 +491,41 @@ bool usable_device(int* device, int* sm_count) {
 
 bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// Launches the kernel of G. CUTLASS's GemmUniversalAdapter sets a function attribute in
+// initialize() (the dynamic shared memory size) and another in run() (non-portable cluster
+// sizes) on every call, about 3 µs of host time each on an H200, measured; when the GEMM is a
+// forward's first kernel the GPU waits for all of it. Here the size is set once per device (in
+// the primary context that Candle uses), and the clusters of two are portable, so they need no
+// attribute.
+template <class G>
+cudaError_t launch_gemm(const typename G::Arguments& args, int device, cudaStream_t stream) {
+  using Kernel = typename G::Kernel;
+  using Cluster = typename G::Cluster;
+  static_assert(cute::size(Cluster{}) <= 8, "cluster sizes above 8 need cudaFuncAttributeNonPortableClusterSizeAllowed");
+  static std::atomic<bool> sized[MAX_DEVICES];
+  const void* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>);
+  constexpr int smem_bytes = Kernel::SharedStorageSize;
+  if (!sized[device].load(std::memory_order_acquire)) {
+    FUSED_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
+    sized[device].store(true, std::memory_order_release);
+  }
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+  cudaLaunchAttribute cluster{};
+  cluster.id = cudaLaunchAttributeClusterDimension;
+  cluster.val.clusterDim.x = cute::size<0>(Cluster{});
+  cluster.val.clusterDim.y = cute::size<1>(Cluster{});
+  cluster.val.clusterDim.z = cute::size<2>(Cluster{});
+  cudaLaunchConfig_t config{};
+  config.gridDim = Kernel::get_grid_shape(params);
+  config.blockDim = Kernel::get_block_shape();
+  config.dynamicSmemBytes = smem_bytes;
+  config.stream = stream;
+  config.attrs = &cluster;
+  config.numAttrs = 1;
+  void* kernel_args[] = {&params};
+  return cudaLaunchKernelExC(&config, kernel, kernel_args);
+}
+
 // The checks that need no device: element type, shape, alignment, epilogue.
 bool takes_problem(const FusedLinearArgs& a) {
   const bool element = a.dtype == FUSED_BF16 || a.dtype == FUSED_F16 || a.dtype == FUSED_F32;
@@ -521,9 +557,8 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
                                     a.m,
                                     a.n};
   const typename G::Arguments args = G::arguments(a, in, sm_count, device);
-  typename G::Device gemm;
   // Every piece of this GEMM runs without workspace; one that asked for some is not ours.
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess || G::Device::get_workspace_size(args) != 0) {
+  if (G::Device::can_implement(args) != cutlass::Status::kSuccess || G::Device::get_workspace_size(args) != 0) {
     return false;
   }
   *status = [&]() -> cudaError_t {
@@ -531,15 +566,7 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
       batch_norm_eval_fold_kernel<T><<<unsigned(ceil_div(a.n, 256)), 256, 0, stream>>>(a);
       FUSED_TRY(cudaGetLastError());
     }
-    if (gemm.initialize(args, nullptr, stream) != cutlass::Status::kSuccess) {
-      const cudaError_t e = cudaGetLastError();
-      return e != cudaSuccess ? e : cudaErrorInvalidValue;
-    }
-    if (gemm.run(stream) != cutlass::Status::kSuccess) {
-      const cudaError_t e = cudaGetLastError();
-      return e != cudaSuccess ? e : cudaErrorLaunchFailure;
-    }
-    FUSED_TRY(cudaGetLastError());
+    FUSED_TRY(launch_gemm<G>(args, device, stream));
     if (a.batch_norm == FUSED_BN_TRAIN) return batch_norm_train_after_gemm<T>(a, stream);
     return cudaSuccess;
   }();
@@ -560,6 +587,10 @@ bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream
 
 }  // namespace sm90
 
+// scripts/sm90_tile_sweep.cu includes this file for its pieces, without the entry points that
+// instantiate every configuration.
+#if !defined(FUSED_SM90_PIECES_ONLY)
+
 bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaError_t* status) {
   int device = 0, sm_count = 0;
   if (!sm90::takes_problem(a) || !sm90::usable_device(&device, &sm_count)) return false;
@@ -578,6 +609,8 @@ int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
     default: return 0;
   }
 }
+
+#endif  // !FUSED_SM90_PIECES_ONLY
 
 }  // namespace fused
 

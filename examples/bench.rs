@@ -7,11 +7,15 @@
 //! ```
 //!
 //! Each cell is the median of `--iters` timed runs after warm-up runs, synchronised with the
-//! device after every run, cycling through three different inputs. On the GPU the default
-//! sizes are the reference sizes the models were written for; on the CPU, `mid` sizes. With
-//! `--train` it also times a train step: forward, and backward to the input and every parameter
-//! given the output's gradient (candle-fused through its `Trace`, and as `autograd` through
-//! Candle's `Tensor::backward`; plain Candle through `Tensor::backward`).
+//! device after every run, cycling through three different inputs. On CUDA a run is timed as
+//! PyTorch's peers time theirs, by events recorded on the stream before and after it; the
+//! `submit ms` column is the host time until the run returns with its work still queued (the
+//! launch overhead, which the GPU waits out before a forward's first kernel), and the JSON
+//! output also has each run's wall time including the synchronisation (`host_ms`). On the GPU
+//! the default sizes are the reference sizes the models were written for; on the CPU, `mid`
+//! sizes. With `--train` it also times a train step: forward, and backward to the input and
+//! every parameter given the output's gradient (candle-fused through its `Trace`, and as
+//! `autograd` through Candle's `Tensor::backward`; plain Candle through `Tensor::backward`).
 //! The floor of a cell is the larger of the time to read the operands and write the output at
 //! the measured copy bandwidth, and the time of its FLOPs at the measured rate of a large
 //! plain matmul in the same precision.
@@ -213,21 +217,79 @@ fn build(
     Ok((fused, plain))
 }
 
-/// Median milliseconds of `run(i)` over `iters` runs after warm-up, synchronised each run.
-fn time(device: &Device, iters: usize, mut run: impl FnMut(usize) -> Result<()>) -> Result<f64> {
+/// Medians of `iters` timed runs of `run(i)` after warm-up runs, in milliseconds.
+struct Timing {
+    /// On CUDA, the time between events recorded on the device's stream before and after the
+    /// run, as PyTorch's peers time theirs; on the CPU, the wall time.
+    median_ms: f64,
+    /// The wall time of the run and of the synchronisation that ends it.
+    host_ms: f64,
+    /// The host time until the run returns, its device work still queued: the launch overhead
+    /// on CUDA, everything on the CPU.
+    submit_ms: f64,
+}
+
+/// Times `run(i)` over `iters` runs after 3 warm-up runs, synchronising the device after each.
+fn time(device: &Device, iters: usize, mut run: impl FnMut(usize) -> Result<()>) -> Result<Timing> {
     for i in 0..3 {
         run(i)?;
     }
     device.synchronize()?;
-    let mut times = Vec::with_capacity(iters);
+    let mut device_times = Vec::with_capacity(iters);
+    let mut host_times = Vec::with_capacity(iters);
+    let mut submit_times = Vec::with_capacity(iters);
     for i in 0..iters {
         let start = Instant::now();
-        run(i)?;
+        let device_ms = on_device_clock(device, || {
+            run(i)?;
+            submit_times.push(start.elapsed().as_secs_f64() * 1e3);
+            Ok(())
+        })?;
         device.synchronize()?;
-        times.push(start.elapsed().as_secs_f64() * 1e3);
+        host_times.push(start.elapsed().as_secs_f64() * 1e3);
+        device_times.extend(device_ms);
     }
-    times.sort_by(f64::total_cmp);
-    Ok(times[times.len() / 2])
+    let median = |mut times: Vec<f64>| {
+        times.sort_by(f64::total_cmp);
+        times.get(times.len() / 2).copied().unwrap_or(f64::NAN)
+    };
+    let host_ms = median(host_times);
+    Ok(Timing {
+        median_ms: match device_times.is_empty() {
+            true => host_ms,
+            false => median(device_times),
+        },
+        host_ms,
+        submit_ms: median(submit_times),
+    })
+}
+
+/// Runs `run` between two timing events on a CUDA device's stream and returns the milliseconds
+/// between them; `None` on other devices.
+#[cfg(feature = "cuda")]
+fn on_device_clock(device: &Device, run: impl FnOnce() -> Result<()>) -> Result<Option<f64>> {
+    use candle_core::cuda_backend::cudarc::driver::sys::CUevent_flags;
+    let Device::Cuda(cuda) = device else {
+        run()?;
+        return Ok(None);
+    };
+    let stream = cuda.cuda_stream();
+    let record = || {
+        stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(candle_core::Error::wrap)
+    };
+    let start = record()?;
+    run()?;
+    let end = record()?;
+    let ms = start.elapsed_ms(&end).map_err(candle_core::Error::wrap)?;
+    Ok(Some(f64::from(ms)))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn on_device_clock(_device: &Device, run: impl FnOnce() -> Result<()>) -> Result<Option<f64>> {
+    run()?;
+    Ok(None)
 }
 
 /// Device ceilings measured now: copy bandwidth (bytes read + written per second) and the
@@ -240,13 +302,13 @@ fn ceilings(device: &Device, modes: &[String]) -> Result<(f64, Vec<(String, f64)
     };
     let a = Tensor::rand(0f32, 1.0, elems, device)?;
     let b = Tensor::zeros(elems, DType::F32, device)?;
-    let copy_ms = time(device, 10, |_| b.slice_set(&a, 0, 0))?;
+    let copy_ms = time(device, 10, |_| b.slice_set(&a, 0, 0))?.median_ms;
     let bandwidth = 2.0 * 4.0 * elems as f64 / (copy_ms * 1e-3);
     let mut rates = Vec::new();
     for mode in modes {
         let (dtype, _) = mode_settings(mode)?;
         let x = Tensor::randn(0f32, 1.0, (n, n), device)?.to_dtype(dtype)?;
-        let ms = time(device, 5, |_| x.matmul(&x).map(drop))?;
+        let ms = time(device, 5, |_| x.matmul(&x).map(drop))?.median_ms;
         rates.push((mode.clone(), 2.0 * (n as f64).powi(3) / (ms * 1e-3)));
     }
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
@@ -283,8 +345,8 @@ fn main() -> Result<()> {
             .join(", ")
     );
     println!(
-        "{:<17} {:<5} {:<6} {:<6} {:>10} {:>9} {:>8}",
-        "problem", "mode", "step", "impl", "median ms", "TFLOP/s", "floor %"
+        "{:<17} {:<5} {:<6} {:<8} {:>10} {:>9} {:>8} {:>9}",
+        "problem", "mode", "step", "impl", "median ms", "TFLOP/s", "floor %", "submit ms"
     );
     let mut rows = Vec::new();
     for &kind in &args.problems {
@@ -315,7 +377,7 @@ fn main() -> Result<()> {
                     _ => &["fused", "autograd", "plain"],
                 };
                 for &variant in variants {
-                    let ms = time(device, args.iters, |it| {
+                    let timing = time(device, args.iters, |it| {
                         let x = &xs[it % xs.len()];
                         match (step, variant) {
                             ("fwd", "fused") => fused.forward_t(x, train_mode).map(drop),
@@ -334,21 +396,23 @@ fn main() -> Result<()> {
                             }
                         }
                     })?;
+                    let ms = timing.median_ms;
                     let tflops = flop_factor * flops / (ms * 1e-3) / 1e12;
                     let floor_pct = 100.0 * flop_factor * floor_ms / ms;
                     println!(
-                        "{:<17} {:<5} {:<6} {:<6} {:>10.3} {:>9.1} {:>8.1}",
+                        "{:<17} {:<5} {:<6} {:<8} {:>10.3} {:>9.1} {:>8.1} {:>9.3}",
                         kind.name(),
                         mode,
                         step,
                         variant,
                         ms,
                         tflops,
-                        floor_pct
+                        floor_pct,
+                        timing.submit_ms
                     );
                     rows.push(serde_json::json!({
                         "problem": kind.name(), "mode": mode, "step": step, "impl": variant,
-                        "batch": b, "in": i, "out": o, "median_ms": ms, "tflops": tflops, "floor_pct": floor_pct,
+                        "batch": b, "in": i, "out": o, "median_ms": ms, "host_ms": timing.host_ms, "submit_ms": timing.submit_ms, "tflops": tflops, "floor_pct": floor_pct,
                     }));
                 }
             }

@@ -2,16 +2,18 @@
 # On the GPU machine, from the repository root, with the binaries of scripts/gpu-pack.sh in
 # .gpu/ (and the PyTorch peers script in .gpu/peers/ for the benchmark): GPU tests, the
 # compute-sanitizer runs, every shipped model through `run --device cuda` in every dtype, and
-# the benchmark next to PyTorch. Logs and results (at most eight files) go to $OUT (default
+# the benchmark next to PyTorch. Logs and results (at most nine files) go to $OUT (default
 # ./gpu-out); the benchmark tables go to standard output.
 #
-#   scripts/gpu-run.sh [tests] [sanitizer] [models] [bench]     (default: all four)
+#   scripts/gpu-run.sh [tests] [sanitizer] [models] [bench] [tiles]   (default: the first four)
+#
+# `tiles` runs the Hopper GEMM's tile-configuration sweep built by scripts/sm90-tile-sweep.sh.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 export LD_LIBRARY_PATH=/usr/local/cuda/lib64${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 for f in .gpu/*.xz; do [ -e "$f" ] && xz -d -f "$f"; done
-chmod +x .gpu/gpu_tests .gpu/run .gpu/train .gpu/bench 2>/dev/null
+chmod +x .gpu/gpu_tests .gpu/run .gpu/train .gpu/bench .gpu/sm90_tile_sweep 2>/dev/null
 steps=${*:-tests sanitizer models bench}
 status=0
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -54,6 +56,10 @@ for step in $steps; do
       (cd .gpu/peers && python3 peers.py --compile --train --json "$OUT/peers.json") 2>&1 | grep -v Warn
       python3 scripts/bench_report.py "$OUT/bench.json" "$OUT/peers.json" --svg "$OUT/bench.svg" | tee "$OUT/report.md"
     fi
+    ;;
+  tiles)
+    echo "== Hopper GEMM tile configurations"
+    .gpu/sm90_tile_sweep 2>&1 | tee "$OUT/tiles.log" || status=1
     ;;
   *) echo "unknown step $step"; status=1 ;;
   esac

@@ -1,0 +1,181 @@
+// Times the Hopper GEMM of cuda-kernels/linear_sm90.cu, epilogue included, in its production
+// tile configurations and in alternatives, next to cuBLAS's bare GEMM of the same shape: the
+// evidence behind the configurations that the crate ships. Built by scripts/sm90-tile-sweep.sh,
+// run on the GPU machine by `scripts/gpu-run.sh tiles`.
+//
+// Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, and SwishScale's at
+// 128×32768→32768 in TF32 (the narrow-batch configuration). Each line is the median of 40
+// launches after 5 warm-up ones, timed by CUDA events.
+#define FUSED_SM90_PIECES_ONLY
+#include "linear_sm90.cu"
+
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <vector>
+
+namespace fused::sm90 {
+
+// Alternatives to the production configurations (WideBatch, NarrowBatch).
+struct Cooperative256x128 {
+  using Mainloop = Cooperative::Mainloop;
+  using Epilogue = Cooperative::Epilogue;
+  static constexpr int tile_m = 256, tile_n = 128;
+};
+using AutoTile = cutlass::epilogue::collective::EpilogueTileAuto;
+using NarrowTile = Shape<_128, cute::_16>;
+using WideCooperative128x256 = TileConfig<Cooperative, Shape<_2, _1, _1>, AutoTile, 128>;
+using WideCooperative256x128 = TileConfig<Cooperative256x128, Shape<_2, _1, _1>, AutoTile, 128>;
+using WidePingPongClusterN = TileConfig<PingPong, Shape<_1, _2, _1>, AutoTile, 128>;
+using NarrowDeepK = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, 128>;
+using Narrow128x128 = TileConfig<SplitCooperative, Shape<_1, _2, _1>, NarrowTile, 64>;
+using NarrowNoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, 64>;
+
+// Median milliseconds of `launch` over 40 runs after 5 warm-up runs.
+template <class F>
+float median_ms(F&& launch) {
+  for (int i = 0; i < 5; ++i) launch();
+  cudaEvent_t start, end;
+  cudaEventCreate(&start);
+  cudaEventCreate(&end);
+  std::vector<float> times;
+  for (int i = 0; i < 40; ++i) {
+    cudaEventRecord(start);
+    launch();
+    cudaEventRecord(end);
+    cudaEventSynchronize(end);
+    float ms = 0.f;
+    cudaEventElapsedTime(&ms, start, end);
+    times.push_back(ms);
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(end);
+  std::sort(times.begin(), times.end());
+  return times[times.size() / 2];
+}
+
+void report(const char* name, const FusedLinearArgs& a, float ms) {
+  const double flops = 2.0 * double(a.m) * double(a.n) * double(a.k);
+  printf("  %-44s %9.1f us  %6.0f TFLOP/s\n", name, ms * 1e3, flops / (ms * 1e-3) * 1e-12);
+}
+
+template <class T, class Config>
+void time_config(const char* name, const FusedLinearArgs& a) {
+  int device = 0, sm_count = 0;
+  cudaError_t status = cudaSuccess;
+  if (!usable_device(&device, &sm_count) || !run_config<T, Config>(a, device, sm_count, nullptr, &status)) {
+    printf("  %-44s not taken\n", name);
+    return;
+  }
+  const float ms = median_ms([&] { run_config<T, Config>(a, device, sm_count, nullptr, &status); });
+  if (status != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
+    printf("  %-44s failed: %s\n", name, cudaGetErrorString(status != cudaSuccess ? status : cudaGetLastError()));
+    return;
+  }
+  report(name, a, ms);
+}
+
+// cuBLAS's y = x·wᵀ without an epilogue, in the problem's precision.
+void time_cublas(cublasHandle_t handle, const FusedLinearArgs& a) {
+  const float alpha = 1.f, beta = 0.f;
+  const bool bf16 = a.dtype == FUSED_BF16;
+  const cudaDataType_t type = bf16 ? CUDA_R_16BF : CUDA_R_32F;
+  const cublasComputeType_t compute = bf16 ? CUBLAS_COMPUTE_32F : CUBLAS_COMPUTE_32F_FAST_TF32;
+  const int m = int(a.m), n = int(a.n), k = int(a.k);
+  const float ms = median_ms([&] {
+    cublasGemmEx(handle, CUBLAS_OP_T, CUBLAS_OP_N, n, m, k, &alpha, a.w, type, k, a.x, type, k, &beta, a.y, type, n,
+                 compute, CUBLAS_GEMM_DEFAULT);
+  });
+  report("cuBLAS, GEMM only", a, ms);
+}
+
+// Uniform values in [-scale, scale), from a hash of the index.
+template <class T>
+__global__ void fill_kernel(T* p, int64_t count, uint32_t seed, float scale) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    uint32_t h = uint32_t(i) * 2654435761u ^ seed;
+    h ^= h >> 13;
+    h *= 0x5bd1e995u;
+    h ^= h >> 15;
+    p[i] = from_float<T>(scale * (float(h & 0xffffu) / 32768.f - 1.f));
+  }
+}
+
+template <class T>
+T* random_buffer(int64_t count, uint32_t seed, float scale) {
+  T* p = nullptr;
+  if (cudaMalloc(&p, count * sizeof(T)) != cudaSuccess) return nullptr;
+  fill_kernel<T><<<1024, 256>>>(p, count, seed, scale);
+  return p;
+}
+
+// A problem with a bias and the given activation, scalar factor 2 and residual.
+template <class T>
+FusedLinearArgs problem(int64_t m, int64_t n, int64_t k, int activation, int residual) {
+  FusedLinearArgs a{};
+  a.m = m;
+  a.n = n;
+  a.k = k;
+  a.x = random_buffer<T>(m * k, 1, 1.f);
+  a.w = random_buffer<T>(n * k, 2, 1.f / 128.f);
+  a.params = random_buffer<T>(n, 3, 0.1f);
+  a.y = random_buffer<T>(m * n, 4, 0.f);
+  a.dtype = sizeof(T) == 4 ? FUSED_F32 : FUSED_BF16;
+  a.tf32 = 1;
+  a.activation = activation;
+  a.residual = residual;
+  a.scale = 2.f;
+  return a;
+}
+
+void release(FusedLinearArgs& a) {
+  cudaFree(const_cast<void*>(a.x));
+  cudaFree(const_cast<void*>(a.w));
+  cudaFree(const_cast<void*>(a.params));
+  cudaFree(a.y);
+}
+
+// The wide-batch alternatives on SigmoidResidual's epilogue at 1024×8192→8192, in T.
+template <class T>
+void sweep_wide(cublasHandle_t handle, const char* precision) {
+  FusedLinearArgs a = problem<T>(1024, 8192, 8192, ACT_SIGMOID, 1);
+  printf("%s 1024x8192->8192, SigmoidResidual epilogue, k step %d\n", precision, 128 / int(sizeof(T)));
+  time_cublas(handle, a);
+  time_config<T, WideBatch>("ping-pong 128x128, cluster 2x1 (shipped)", a);
+  time_config<T, WidePingPongClusterN>("ping-pong 128x128, cluster 1x2", a);
+  time_config<T, WideCooperative128x256>("cooperative 128x256, cluster 2x1", a);
+  time_config<T, WideCooperative256x128>("cooperative 256x128, cluster 2x1", a);
+  release(a);
+}
+
+// The narrow-batch alternatives on SwishScale's epilogue at 128×32768→32768, in TF32.
+void sweep_narrow(cublasHandle_t handle) {
+  FusedLinearArgs a = problem<float>(128, 32768, 32768, ACT_SILU, 0);
+  printf("tf32 128x32768->32768, SwishScale epilogue\n");
+  time_cublas(handle, a);
+  time_config<float, NarrowBatch<float>>("cooperative 128x256x16, cluster 1x2 (shipped)", a);
+  time_config<float, NarrowDeepK>("cooperative 128x256x32, cluster 1x2", a);
+  time_config<float, Narrow128x128>("cooperative 128x128x16, cluster 1x2", a);
+  time_config<float, NarrowNoCluster>("cooperative 128x256x16, no cluster", a);
+  release(a);
+}
+
+int sweep() {
+  cublasHandle_t handle;
+  if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
+    printf("cuBLAS could not start\n");
+    return 1;
+  }
+  sweep_wide<__nv_bfloat16>(handle, "bf16");
+  sweep_wide<float>(handle, "tf32");
+  sweep_narrow(handle);
+  cublasDestroy(handle);
+  const cudaError_t last = cudaDeviceSynchronize();
+  printf("%s\n", last == cudaSuccess ? "done" : cudaGetErrorString(last));
+  return last == cudaSuccess ? 0 : 1;
+}
+
+}  // namespace fused::sm90
+
+int main() { return fused::sm90::sweep(); }
