@@ -124,6 +124,11 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
   write_column_partials<2, V>(v, 2, partials, n, c0, inside);
 }
 
+// du = k · g + du_u · u + du_1: the gradient at u of a BatchNorm's output gradient g, per column.
+struct BatchNormGrad {
+  double k = 1.0, du_u = 0.0, du_1 = 0.0;
+};
+
 // The epilogue backward, from g (no BatchNorm) or from the du of the BatchNorm: writes dz and
 // partial Σ dz, Σ du·act(z) per column. Without a BatchNorm nothing cancels, so the per-element
 // gradient is computed in f32 (as the stored dz is) and only the sums are carried in double:
@@ -141,22 +146,24 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
   T* __restrict__ dz = static_cast<T*>(a.dz);
   double v[2][V] = {};
   if (inside) {
-    // du = du_g · g + du_x · x̂ + du_0 covers every BatchNorm, with x̂ = (u − mean) · invstd:
-    // du = du_g · g + du_u · u + du_1 keeps three constants per column instead of five (the
-    // register budget of three blocks per SM), and in double u · du_u − mean · du_u loses nothing
-    // that matters. Without z the epilogue is linear and dy/dz = s (+ 1 with the residual).
+    // Under a BatchNorm, du = k · g + du_x · x̂ + du_0 with k = γ · invstd and x̂ = (u − mean) ·
+    // invstd (du_x and du_0 zero in eval): du = k · g + du_u · u + du_1 keeps three constants per
+    // column instead of five (the register budget of three blocks per SM), and in double
+    // u · du_u − mean · du_u loses nothing that matters. Without z the epilogue is linear and
+    // dy/dz = s (+ 1 with the residual).
     ColumnBackward col[V];
-    Real du_g[V], du_u[V], du_1[V];
+    BatchNormGrad bn[V];
     float constant_grad[V];
 #pragma unroll
     for (int i = 0; i < V; ++i) {
       col[i] = load_column_backward<T>(a, c0 + i);
-      const double k = col[i].gamma * col[i].invstd;
-      const double du_x = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[c0 + i] / double(m) : 0.0;
-      const double du_0 = a.batch_norm == FUSED_BN_TRAIN ? -k * bn_sums[n + c0 + i] / double(m) : 0.0;
-      du_g[i] = a.batch_norm == FUSED_BN_NONE ? 1.0 : k;
-      du_u[i] = du_x * col[i].invstd;
-      du_1[i] = du_0 - du_u[i] * col[i].mean;
+      if constexpr (BatchNorm) {
+        const double k = col[i].gamma * col[i].invstd;
+        const bool train = a.batch_norm == FUSED_BN_TRAIN;
+        const double du_x = train ? -k * bn_sums[c0 + i] / double(m) : 0.0;
+        const double du_0 = train ? -k * bn_sums[n + c0 + i] / double(m) : 0.0;
+        bn[i] = BatchNormGrad{k, du_x * col[i].invstd, du_0 - du_x * col[i].invstd * col[i].mean};
+      }
       constant_grad[i] = col[i].scale + (a.residual ? 1.f : 0.f);
     }
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
@@ -171,7 +178,7 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
         for (int i = 0; i < V; ++i) {
           Real du = gv[i];
           if constexpr (BatchNorm) {
-            du = du_g[i] * du + du_u[i] * double(epi.apply(zv[i], col[i].scale)) + du_1[i];
+            du = bn[i].k * du + bn[i].du_u * double(epi.apply(zv[i], col[i].scale)) + bn[i].du_1;
           }
           Real d;
           if (!BatchNorm && z == nullptr) {  // a BatchNorm always comes with z

@@ -1,21 +1,22 @@
 // Training-mode BatchNorm after the fused GEMM: merge the per-tile statistics, normalise y.
 //
-// The GEMM (or, on Hopper, a light pass after it) left, for every (row tile, column), the mean
-// and the sum of squared deviations (M2) of u over that tile. Merging them with Chan's parallel
-// update is exact in the way the textbook Σu² − (Σu)²/n is not: no cancellation when |mean| ≫
-// std. Two kernels, one job each:
+// The GEMM's epilogue left, for every (row tile, column), the mean and the sum of squared
+// deviations (M2) of u over that tile. Merging them with Chan's parallel update is exact in the
+// way the textbook Σu² − (Σu)²/n is not: no cancellation when |mean| ≫ std. Two kernels, one
+// job each:
 //   - merge: the partials of each feature are merged (by eight threads, then one), which writes
 //     the batch statistics and the normalisation factor γ/sqrt(var + eps);
 //   - normalise: rewrites y in place as (u − mean)·factor + β, a pure streaming pass in which
 //     each thread moves 8-byte packs of a row and a warp covers 32 packs of it, so every row
-//     access is coalesced and each thread keeps two rows in flight.
+//     access is coalesced and each thread keeps four rows in flight (with two, a 1024x8192 bf16
+//     y that sat in L2 took 17 instead of 12.5 µs on an H200; f32 ran at the copy rate either way).
 #include "common.cuh"
 #include "epilogue.cuh"
 
 namespace fused {
 
 constexpr int MERGE_COLS = 32, MERGE_GROUPS = 8;
-constexpr int NORM_COLS = 32, NORM_ROWS = 8, NORM_UNROLL = 2;
+constexpr int NORM_COLS = 32, NORM_ROWS = 8, NORM_UNROLL = 4;
 
 // Floats of workspace for the train-mode BatchNorm with partials over tiles of `row_tile` rows:
 // the partial means, the partial M2s, then the factor and β of each feature.

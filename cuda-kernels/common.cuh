@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
+#include <atomic>
 #include <initializer_list>
 
 #include "fused_linear.h"
@@ -95,6 +96,23 @@ bool packs_fit(int64_t n, std::initializer_list<const void*> pointers) {
     if (reinterpret_cast<uintptr_t>(p) % (sizeof(T) * V) != 0) return false;
   }
   return true;
+}
+
+// Devices whose per-kernel settings are remembered (the others get them on every launch).
+constexpr int MAX_DEVICES = 64;
+
+// Raises `kernel`'s dynamic shared memory limit to `bytes` on `device`, once: the attribute call
+// costs a few µs of host time, during which the GPU may sit idle. `Kernel` names the kernel (a
+// type per kernel function), so that each keeps its own flags; racing first calls set the same
+// value.
+template <class Kernel>
+cudaError_t allow_dynamic_smem(const void* kernel, int bytes, int device) {
+  static std::atomic<bool> done[MAX_DEVICES];
+  const bool remembered = device >= 0 && device < MAX_DEVICES;
+  if (remembered && done[device].load(std::memory_order_acquire)) return cudaSuccess;
+  FUSED_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  if (remembered) done[device].store(true, std::memory_order_release);
+  return cudaSuccess;
 }
 
 // Calls `f(T{})` with the element type named by a FusedDType.

@@ -535,16 +535,30 @@ __global__ void __launch_bounds__(Tile<T>::THREADS) linear_forward_kernel(const 
   }
 }
 
+// Names an instantiation of linear_forward_kernel, for its per-device settings.
+template <class T, MathMode MODE, bool VECTOR>
+struct ForwardKernel {};
+
+template <class T, MathMode MODE, bool VECTOR>
+cudaError_t launch_linear_forward_kernel(const FusedLinearArgs& a, cudaStream_t stream) {
+  using C = Tile<T>;
+  int device = -1;
+  FUSED_TRY(cudaGetDevice(&device));
+  using Name = ForwardKernel<T, MODE, VECTOR>;
+  const void* kernel = reinterpret_cast<const void*>(linear_forward_kernel<T, MODE, VECTOR>);
+  FUSED_TRY(allow_dynamic_smem<Name>(kernel, int(C::SMEM_BYTES), device));
+  const dim3 grid(unsigned(ceil_div(a.m, C::BM)), unsigned(ceil_div(a.n, C::BN)));
+  linear_forward_kernel<T, MODE, VECTOR><<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a);
+  return cudaGetLastError();
+}
+
+// The 16-byte operand loads need k in whole vectors and 16-byte aligned x and w.
 template <class T, MathMode MODE>
 cudaError_t launch_linear_forward(const FusedLinearArgs& a, cudaStream_t stream) {
-  using C = Tile<T>;
-  const bool aligned = a.k % C::VEC == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
+  const bool aligned = a.k % Tile<T>::VEC == 0 && reinterpret_cast<uintptr_t>(a.x) % 16 == 0 &&
                        reinterpret_cast<uintptr_t>(a.w) % 16 == 0;
-  auto kernel = aligned ? linear_forward_kernel<T, MODE, true> : linear_forward_kernel<T, MODE, false>;
-  FUSED_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(C::SMEM_BYTES)));
-  const dim3 grid(unsigned(ceil_div(a.m, C::BM)), unsigned(ceil_div(a.n, C::BN)));
-  kernel<<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a);
-  return cudaGetLastError();
+  return aligned ? launch_linear_forward_kernel<T, MODE, true>(a, stream)
+                 : launch_linear_forward_kernel<T, MODE, false>(a, stream);
 }
 
 // The row tile of the GEMM, which sets the number of partial statistics per column.

@@ -13,9 +13,9 @@
 //   - bf16 and f16; f32 with one TF32 product (tf32 == 1), and exact f32 as three TF32 products
 //     on split operands (split_tf32_sm90.cuh);
 //   - k % 8 == 0 and n % 8 == 0, x, w, y and z 16-byte aligned: TMA moves 16-byte aligned rows;
-//   - every activation, scale and residual, with z kept or not; BatchNorm none, eval (given 2n
-//     floats of workspace, linear_sm90_workspace_floats) and train; no params at all (a plain
-//     product, as the backward's are);
+//   - every activation, scale and residual, with z kept or not; BatchNorm none, eval and train
+//     (given the workspace of linear_sm90_workspace_floats); no params at all (a plain product,
+//     as the backward's are);
 //   - a device of compute capability 9.0 running this file's sm_90a code.
 //
 // The epilogue tree, leaves first (every node computes in f32):
@@ -23,6 +23,8 @@
 //   z is stored to args.z when that is not null    (a no-op node otherwise)
 //   u = act(z) * s_j * scale + (residual ? z : 0)  s: the per-feature scale, or 1 without one
 //   y = u * f_j + d_j                              f, d: the folded eval BatchNorm, or 1 and 0
+//   y is passed through a node that, in a train-mode BatchNorm, writes the (mean, M2) of every
+//   column of every epilogue subtile (ColumnStatistics; a no-op otherwise)
 // Absent vectors are null pointers that CUTLASS reads as constants, and the activation and the
 // residual are run-time arguments, so one GEMM per element type and tile configuration serves
 // every epilogue: eight instantiations in all (three element types and exact f32, two batch
@@ -30,9 +32,9 @@
 //
 // BatchNorm: eval folds into the last node, f = γ/sqrt(rv + eps) and d = β − rm·f, computed by a
 // small kernel before the GEMM (which also writes the running statistics to `stats`, as the
-// portable path does). Train stores u as y, then a light kernel reduces each (row tile, column)
-// of the stored u to (mean, M2) in the portable kernel's workspace layout, and batch_norm.cu's
-// kernels merge them and normalise y in place, exactly as after the portable GEMM.
+// portable path does). Train stores u as y and, from the epilogue, the per-subtile statistics in
+// the portable kernel's partials layout; batch_norm.cu's kernels merge them and normalise y in
+// place, exactly as after the portable GEMM.
 #include "linear_sm90.cuh"
 
 #include "common.cuh"
@@ -153,6 +155,190 @@ struct ActScaleResidual {
   }
 };
 
+// The train-mode BatchNorm's statistics, gathered in the epilogue: for every epilogue subtile
+// (EPI_M rows by EPI_N columns of y), the (mean, M2) of each column over the subtile's rows, in
+// the partials layout that batch_norm.cu's merge reads with a row tile of EPI_M:
+// partials[t·n + c] the means and partials[(tiles + t)·n + c] the M2s, t the subtile's row tile.
+// They are the statistics of y as stored, rounded to T, which is what PyTorch's BatchNorm sees.
+//
+// The node passes y through unchanged and works in reduce(), where CUTLASS hands it the subtile's
+// values and a scratch buffer (the subtile's own store buffer, which y is copied into after it):
+//   1. every thread writes its share of the subtile to the buffer, row-major (a swizzle against
+//      bank conflicts cost the GEMM's consumers registers they do not have);
+//   2. P threads per column of 4-byte words sum their rows and exchange the sums by shuffles,
+//      then do the same with the squared deviations from the mean: two exact passes, so Chan's
+//      merge of the subtiles loses nothing to cancellation.
+// A null `partials` makes it a no-op, so the one GEMM of each configuration serves every mode.
+template <class E>
+struct ColumnStatistics {
+  struct SharedStorage {};
+  struct Arguments {
+    float* partials = nullptr;  // 2 · tiles · n floats, or null
+    int64_t tiles = 0;          // row tiles of EPI_M rows: ceil(m / EPI_M)
+  };
+  using Params = Arguments;
+
+  template <class ProblemShape>
+  static constexpr Params to_underlying_arguments(ProblemShape const&, Arguments const& args, void*) {
+    return args;
+  }
+  template <class ProblemShape>
+  static bool can_implement(ProblemShape const&, Arguments const&) {
+    return true;
+  }
+  template <class ProblemShape>
+  static size_t get_workspace_size(ProblemShape const&, Arguments const&) {
+    return 0;
+  }
+  template <class ProblemShape>
+  static cutlass::Status initialize_workspace(ProblemShape const&, Arguments const&, void*, cudaStream_t,
+                                              cutlass::CudaHostAdapter* = nullptr) {
+    return cutlass::Status::kSuccess;
+  }
+
+  CUTLASS_HOST_DEVICE ColumnStatistics() {}
+  CUTLASS_HOST_DEVICE ColumnStatistics(Params const& params, SharedStorage const&) : params(params) {}
+  Params params;
+
+  CUTLASS_DEVICE bool is_producer_load_needed() const { return false; }
+  CUTLASS_DEVICE bool is_C_load_needed() const { return false; }
+
+  template <class... Args>
+  CUTLASS_DEVICE auto get_producer_load_callbacks(evt::ProducerLoadArgs<Args...> const&) {
+    return evt::EmptyProducerLoadCallbacks{};
+  }
+
+  // Threads is the epilogue's thread count; Coords gives each of a thread's values its offset
+  // from the thread's first one (CUTLASS's tCcD).
+  template <class EpiTile, class CtaTile, int Threads, class Coords>
+  struct Callbacks : evt::EmptyConsumerStoreCallbacks {
+    static constexpr int EPI_M = cute::size<0>(EpiTile{}), EPI_N = cute::size<1>(EpiTile{});
+    static constexpr int CTA_M = cute::size<0>(CtaTile{}), CTA_N = cute::size<1>(CtaTile{});
+    static constexpr int PER_WORD = 4 / int(sizeof(E));    // elements per 4-byte word
+    static constexpr int WORDS = EPI_N / PER_WORD;          // words per subtile row
+    static constexpr int P = Threads / WORDS;              // threads per column of words
+    static_assert(sizeof(E) <= 4 && EPI_N % PER_WORD == 0, "subtile rows must be whole 4-byte words");
+    static_assert(Threads % WORDS == 0 && P <= 32 && (P & (P - 1)) == 0,
+                  "a power-of-two number of threads, at most a warp, must share each column of words");
+
+    Params const& params;
+    Coords coords;
+    int m, n;                  // the problem's rows and columns
+    int tile_row, tile_col;    // the CTA tile's first row and column
+    int origin_m, origin_n;    // the thread's first value, relative to the CTA tile
+    int thread_idx;
+
+    CUTLASS_DEVICE Callbacks(Params const& params, Coords coords, int m, int n, int tile_row, int tile_col,
+                             int origin_m, int origin_n, int thread_idx)
+        : params(params), coords(coords), m(m), n(n), tile_row(tile_row), tile_col(tile_col),
+          origin_m(origin_m), origin_n(origin_n), thread_idx(thread_idx) {}
+
+    template <class Acc, class In, int F>
+    CUTLASS_DEVICE cutlass::Array<In, F> visit(cutlass::Array<Acc, F> const&, int, int, int,
+                                               cutlass::Array<In, F> const& y) {
+      return y;
+    }
+
+    // Index of element (r, c) of the subtile in the scratch buffer.
+    CUTLASS_DEVICE static int staged(int r, int c) { return r * EPI_N + c; }
+
+    // Sums v over the P threads of each column of words (neighbouring lanes).
+    CUTLASS_DEVICE static void sum_over_column(float (&v)[PER_WORD]) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int offset = P / 2; offset > 0; offset /= 2) {
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < PER_WORD; ++e) v[e] += __shfl_xor_sync(0xffffffffu, v[e], offset);
+      }
+    }
+
+    template <class STensor, class SyncFn, class VTensor>
+    CUTLASS_DEVICE void reduce(STensor&& buffer, SyncFn const& sync, int epi_m, int epi_n, bool,
+                               VTensor results) {
+      if (params.partials == nullptr) return;
+      using Buffer = cute::remove_cvref_t<STensor>;
+      static_assert(cute::is_same_v<typename Buffer::value_type, E>, "the scratch buffer holds y's elements");
+      static_assert(decltype(cute::cosize(typename Buffer::layout_type{}))::value >= EPI_M * EPI_N,
+                    "the scratch buffer holds a subtile");
+      E* stage = cute::raw_pointer_cast(buffer.data());
+      constexpr int F = cute::remove_cvref_t<decltype(results(0))>::kElements;
+
+      // 1. The thread's values to the buffer.
+      auto subtile = coords(cute::_, cute::_, cute::_, epi_m, epi_n);
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < cute::size(subtile); ++i) {
+        const int r = origin_m + int(cute::get<0>(subtile(i))) - epi_m * EPI_M;
+        const int c = origin_n + int(cute::get<1>(subtile(i))) - epi_n * EPI_N;
+        stage[staged(r, c)] = results(i / F)[i % F];
+      }
+      sync();
+
+      // 2. Two passes per column of words over the subtile's rows inside the problem.
+      const int row0 = tile_row + epi_m * EPI_M;
+      const int rows = min(EPI_M, m - row0);  // the same for every thread
+      if (rows > 0) {
+        const int word = thread_idx / P, part = thread_idx % P;
+        const int c0 = word * PER_WORD;
+        // The row loops are unrolled by four, not fully: fully, the f32 ping-pong consumers spill.
+        float sum[PER_WORD] = {};
+#pragma unroll 4
+        for (int j = 0; j < EPI_M / P; ++j) {
+          const int r = part + j * P;
+          if (r < rows) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < PER_WORD; ++e) sum[e] += float(stage[staged(r, c0 + e)]);
+          }
+        }
+        sum_over_column(sum);
+        float mean[PER_WORD], m2[PER_WORD] = {};
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < PER_WORD; ++e) mean[e] = sum[e] / float(rows);
+#pragma unroll 4
+        for (int j = 0; j < EPI_M / P; ++j) {
+          const int r = part + j * P;
+          if (r < rows) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < PER_WORD; ++e) {
+              const float d = float(stage[staged(r, c0 + e)]) - mean[e];
+              m2[e] += d * d;
+            }
+          }
+        }
+        sum_over_column(m2);
+        if (part == 0) {
+          const int64_t tile = row0 / EPI_M;
+          float* means = params.partials + tile * n;
+          float* m2s = params.partials + (params.tiles + tile) * n;
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < PER_WORD; ++e) {
+            const int c = tile_col + epi_n * EPI_N + c0 + e;
+            if (c < n) {
+              means[c] = mean[e];
+              m2s[c] = m2[e];
+            }
+          }
+        }
+      }
+      sync();  // every read done before y is copied into the buffer
+    }
+  };
+
+  template <bool ReferenceSrc, class... Args>
+  CUTLASS_DEVICE auto get_consumer_store_callbacks(evt::detail::ConsumerStoreArgs<Args...> const& args) {
+    using EpiTile = cute::remove_cvref_t<decltype(args.epi_tile)>;
+    using CtaTile = cute::remove_cvref_t<decltype(args.tile_shape_mnk)>;
+    constexpr int threads = cute::remove_cvref_t<decltype(args.tiled_copy)>::TiledNumThr::value;
+    // residue_cD and residue_tCcD are (m, n) minus the CTA tile's and the thread's first
+    // coordinate: their difference is the thread's first coordinate within the tile.
+    const int origin_m = int(cute::get<0>(args.residue_cD)) - int(cute::get<0>(args.residue_tCcD));
+    const int origin_n = int(cute::get<1>(args.residue_cD)) - int(cute::get<1>(args.residue_tCcD));
+    const int tile_row = int(cute::get<0>(args.tile_coord_mnkl)) * cute::size<0>(CtaTile{});
+    const int tile_col = int(cute::get<1>(args.tile_coord_mnkl)) * cute::size<1>(CtaTile{});
+    return Callbacks<EpiTile, CtaTile, threads, cute::remove_cvref_t<decltype(args.tCcD)>>(
+        params, args.tCcD, int(cute::get<0>(args.problem_shape_mnkl)), int(cute::get<1>(args.problem_shape_mnkl)),
+        tile_row, tile_col, origin_m, origin_n, args.thread_idx);
+  }
+};
+
 // The tree described at the top of the file, for output element T.
 template <class T, class CtaTile, class EpilogueDescriptor>
 struct LinearEpilogue {
@@ -176,7 +362,10 @@ struct LinearEpilogue {
   // y = u * f_j + d_j, rounded once to T
   using Y = evt::Sm90EVT<Compute<cutlass::homogeneous_multiply_add, T>, U, Feature<CtaTile, float>,
                          Feature<CtaTile, float>>;
-  using Arguments = typename Y::Arguments;
+
+  // y, passed through; with a train-mode BatchNorm, its per-subtile column statistics
+  using Root = evt::Sm90EVT<ColumnStatistics<T>, Y>;
+  using Arguments = typename Root::Arguments;
   using ZStride = typename ZDescriptor::Stride;
 
   // What the tree reads and writes, as pointers that may be null.
@@ -186,6 +375,8 @@ struct LinearEpilogue {
     T* z;                // null: z is not kept
     const float* bn_factor;
     const float* bn_shift;  // both null: no eval BatchNorm
+    float* bn_partials;     // null: no train BatchNorm
+    int64_t bn_tiles;       // row tiles of the partials
     PointwiseArguments pointwise;
     int64_t m, n;
   };
@@ -193,15 +384,17 @@ struct LinearEpilogue {
   static Arguments arguments(const Inputs& in) {
     const ZStride z_stride{in.n, _1{}, in.m * in.n};
     return Arguments{
-        {                                                // U
-         {                                               // ZKept
-          {{}, {in.bias, T(0.f)}, {}},                   // Z = acc + bias
-          {in.z, z_stride}},                             // store z
-         {in.scale_row, T(1.f)},                         // s
-         in.pointwise},                                  // act, scale, residual
-        {in.bn_factor, 1.f},                             // f
-        {in.bn_shift, 0.f},                              // d
-        {}};                                             // u * f + d
+        {                                                // Y
+         {                                               // U
+          {                                              // ZKept
+           {{}, {in.bias, T(0.f)}, {}},                  // Z = acc + bias
+           {in.z, z_stride}},                            // store z
+          {in.scale_row, T(1.f)},                        // s
+          in.pointwise},                                 // act, scale, residual
+         {in.bn_factor, 1.f},                            // f
+         {in.bn_shift, 0.f},                             // d
+         {}},                                            // u * f + d
+        {in.bn_partials, in.bn_tiles}};                  // column statistics
   }
 };
 
@@ -291,7 +484,9 @@ struct Gemm {
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, CtaTile, Cluster, EpilogueTile, float, float,
       void, cutlass::layout::RowMajor, kAlign,  // no C operand
-      T, cutlass::layout::RowMajor, kAlign, EpilogueSchedule, typename Tree::Y>::CollectiveOp;
+      T, cutlass::layout::RowMajor, kAlign, EpilogueSchedule, typename Tree::Root>::CollectiveOp;
+  // Rows of an epilogue subtile: the row tile of the train-mode BatchNorm's partial statistics.
+  static constexpr int64_t stats_row_tile = cute::size<0>(typename CollectiveEpilogue::EpilogueTile{});
 
   using CollectiveMainloop = typename Config::Product::template Mainloop<
       T, CtaTile, Cluster, static_cast<int>(sizeof(typename CollectiveEpilogue::SharedStorage)), MainloopSchedule>;
@@ -358,101 +553,6 @@ __global__ void batch_norm_eval_fold_kernel(const FusedLinearArgs a) {
   a.stats[n + c] = var;
 }
 
-// Train: (mean, M2) of the stored u over each (row tile, column), in the layout that
-// batch_norm.cu's merge kernel reads: workspace[tile·n + c] the means, then the M2s. Two passes
-// over the tile (the second hits L1/L2): exact enough that Chan's merge loses nothing. A thread
-// owns a 16-byte pack of neighbouring columns (or one column where n or y does not allow packs)
-// and strides over the tile's rows with the other STATS_ROWS threads of its column.
-constexpr int STATS_COLS = 32, STATS_ROWS = 8;
-
-// Rows per statistics tile: short tiles give the pass enough blocks to fill the GPU, and at most
-// 256 tiles bound the workspace (batch_norm_train_workspace_floats) for tall batches.
-int64_t stats_row_tile(int64_t m) { return max(int64_t(32), STATS_ROWS * ceil_div(ceil_div(m, 256), STATS_ROWS)); }
-
-// Sums v over the STATS_ROWS threads of each column; every thread gets its columns' totals.
-template <int V>
-__device__ __forceinline__ void column_sums(float (&v)[V], float* red /* [STATS_ROWS][V][STATS_COLS] */) {
-#pragma unroll
-  for (int i = 0; i < V; ++i) red[(threadIdx.y * V + i) * STATS_COLS + threadIdx.x] = v[i];
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < V; ++i) {
-    float s = 0.f;
-#pragma unroll
-    for (int r = 0; r < STATS_ROWS; ++r) s += red[(r * V + i) * STATS_COLS + threadIdx.x];
-    v[i] = s;
-  }
-  __syncthreads();
-}
-
-template <class T, int V>
-__global__ void __launch_bounds__(STATS_COLS* STATS_ROWS, 4)
-    batch_norm_partials_kernel(const FusedLinearArgs a, int64_t row_tile) {
-  __shared__ float red[STATS_ROWS * V * STATS_COLS];
-  const int64_t m = a.m, n = a.n;
-  const int64_t c0 = (int64_t(blockIdx.x) * STATS_COLS + threadIdx.x) * V;
-  const int64_t row0 = int64_t(blockIdx.y) * row_tile, row_end = min(m, row0 + row_tile);
-  const T* y = static_cast<const T*>(a.y);
-  const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
-
-  float s[V] = {};
-  if (inside) {
-#pragma unroll 4
-    for (int64_t r = row0 + threadIdx.y; r < row_end; r += STATS_ROWS) {
-      float u[V];
-      load_pack<T, V>(y + r * n + c0, u);
-#pragma unroll
-      for (int i = 0; i < V; ++i) s[i] += u[i];
-    }
-  }
-  column_sums<V>(s, red);
-  const float count = float(row_end - row0);
-  float mean[V];
-#pragma unroll
-  for (int i = 0; i < V; ++i) mean[i] = s[i] / count;
-  float q[V] = {};
-  if (inside) {
-#pragma unroll 4
-    for (int64_t r = row0 + threadIdx.y; r < row_end; r += STATS_ROWS) {
-      float u[V];
-      load_pack<T, V>(y + r * n + c0, u);
-#pragma unroll
-      for (int i = 0; i < V; ++i) {
-        const float d = u[i] - mean[i];
-        q[i] += d * d;
-      }
-    }
-  }
-  column_sums<V>(q, red);
-  if (inside && threadIdx.y == 0) {
-    float* ws_mean = a.workspace + int64_t(blockIdx.y) * n;
-    float* ws_m2 = a.workspace + (int64_t(gridDim.y) + blockIdx.y) * n;
-#pragma unroll
-    for (int i = 0; i < V; ++i) {
-      ws_mean[c0 + i] = mean[i];
-      ws_m2[c0 + i] = q[i];
-    }
-  }
-}
-
-template <class T, int V>
-cudaError_t launch_batch_norm_partials(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream) {
-  const dim3 grid(unsigned(ceil_div(a.n, STATS_COLS * V)), unsigned(ceil_div(a.m, row_tile)));
-  batch_norm_partials_kernel<T, V><<<grid, dim3(STATS_COLS, STATS_ROWS), 0, stream>>>(a, row_tile);
-  return cudaGetLastError();
-}
-
-// The train-mode BatchNorm after the GEMM stored u as y: partials, then merge and normalise.
-template <class T>
-cudaError_t batch_norm_train_after_gemm(const FusedLinearArgs& a, cudaStream_t stream) {
-  const int64_t row_tile = stats_row_tile(a.m);
-  constexpr int V = pack_width<T, 16>();
-  const cudaError_t partials = packs_fit<T, V>(a.n, {a.y}) ? launch_batch_norm_partials<T, V>(a, row_tile, stream)
-                                                           : launch_batch_norm_partials<T, 1>(a, row_tile, stream);
-  FUSED_TRY(partials);
-  return batch_norm_train_finalize(a, row_tile, stream);
-}
-
 // ---------------------------------------------------------------------------------------------
 // Dispatch.
 
@@ -463,7 +563,6 @@ struct DeviceInfo {
   std::atomic<int> state{0};  // 0 unknown, 1 usable, -1 not
   std::atomic<int> sm_count{0};
 };
-constexpr int MAX_DEVICES = 64;
 static DeviceInfo device_info[MAX_DEVICES];
 
 bool usable_device(int* device, int* sm_count) {
@@ -502,13 +601,9 @@ cudaError_t launch_gemm(const typename G::Arguments& args, int device, cudaStrea
   using Kernel = typename G::Kernel;
   using Cluster = typename G::Cluster;
   static_assert(cute::size(Cluster{}) <= 8, "cluster sizes above 8 need cudaFuncAttributeNonPortableClusterSizeAllowed");
-  static std::atomic<bool> sized[MAX_DEVICES];
   const void* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>);
   constexpr int smem_bytes = Kernel::SharedStorageSize;
-  if (!sized[device].load(std::memory_order_acquire)) {
-    FUSED_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes));
-    sized[device].store(true, std::memory_order_release);
-  }
+  FUSED_TRY(allow_dynamic_smem<Kernel>(kernel, smem_bytes, device));
   typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
@@ -547,12 +642,14 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
   using G = Gemm<typename Cutlass<T>::type, Config>;
   using E = typename G::Element;
   const T* params = static_cast<const T*>(a.params);
-  const bool eval = a.batch_norm == FUSED_BN_EVAL;
+  const bool eval = a.batch_norm == FUSED_BN_EVAL, train = a.batch_norm == FUSED_BN_TRAIN;
   const typename G::Tree::Inputs in{reinterpret_cast<const E*>(params),
                                     a.has_scale ? reinterpret_cast<const E*>(params + a.n) : nullptr,
                                     static_cast<E*>(a.z),
                                     eval ? a.workspace : nullptr,
                                     eval ? a.workspace + a.n : nullptr,
+                                    train ? a.workspace : nullptr,
+                                    ceil_div(a.m, G::stats_row_tile),
                                     PointwiseArguments{a.activation, a.has_scale ? 1.f : a.scale, a.residual != 0},
                                     a.m,
                                     a.n};
@@ -567,22 +664,32 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
       FUSED_TRY(cudaGetLastError());
     }
     FUSED_TRY(launch_gemm<G>(args, device, stream));
-    if (a.batch_norm == FUSED_BN_TRAIN) return batch_norm_train_after_gemm<T>(a, stream);
+    if (train) return batch_norm_train_finalize(a, G::stats_row_tile, stream);
     return cudaSuccess;
   }();
   return true;
 }
 
+// Calls f(Config{}) with the tile configuration that runs `a`, whose elements are T.
+template <class T, class F>
+auto with_config(const FusedLinearArgs& a, F f) {
+  if constexpr (sizeof(T) == 4) {
+    if (a.tf32 == 0) return a.m <= NARROW_BATCH_ROWS ? f(ExactNarrowBatch{}) : f(ExactWideBatch{});
+  }
+  return a.m <= NARROW_BATCH_ROWS ? f(NarrowBatch<T>{}) : f(WideBatch{});
+}
+
 template <class T>
 bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
-  if constexpr (sizeof(T) == 4) {
-    if (a.tf32 == 0) {
-      return a.m <= NARROW_BATCH_ROWS ? run_config<T, ExactNarrowBatch>(a, device, sm_count, stream, status)
-                                      : run_config<T, ExactWideBatch>(a, device, sm_count, stream, status);
-    }
-  }
-  return a.m <= NARROW_BATCH_ROWS ? run_config<T, NarrowBatch<T>>(a, device, sm_count, stream, status)
-                                  : run_config<T, WideBatch>(a, device, sm_count, stream, status);
+  return with_config<T>(
+      a, [&](auto config) { return run_config<T, decltype(config)>(a, device, sm_count, stream, status); });
+}
+
+// The row tile of the train-mode BatchNorm's partial statistics for `a`.
+template <class T>
+int64_t stats_row_tile(const FusedLinearArgs& a) {
+  return with_config<T>(
+      a, [](auto config) { return Gemm<typename Cutlass<T>::type, decltype(config)>::stats_row_tile; });
 }
 
 }  // namespace sm90
@@ -605,7 +712,12 @@ bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaErro
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
   switch (a.batch_norm) {
     case FUSED_BN_EVAL: return 2 * a.n;
-    case FUSED_BN_TRAIN: return batch_norm_train_workspace_floats(a.m, a.n, sm90::stats_row_tile(a.m));
+    case FUSED_BN_TRAIN: {
+      const int64_t row_tile = a.dtype == FUSED_F32    ? sm90::stats_row_tile<float>(a)
+                               : a.dtype == FUSED_F16 ? sm90::stats_row_tile<__half>(a)
+                                                      : sm90::stats_row_tile<__nv_bfloat16>(a);
+      return batch_norm_train_workspace_floats(a.m, a.n, row_tile);
+    }
     default: return 0;
   }
 }

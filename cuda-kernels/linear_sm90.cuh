@@ -15,8 +15,8 @@ namespace fused {
 bool linear_forward_sm90(const FusedLinearArgs& args, cudaStream_t stream, cudaError_t* status);
 
 // Floats of `args.workspace` that the fast path needs: 2n for an eval-mode BatchNorm (its folded
-// per-feature factor and shift), 0 otherwise. A training BatchNorm uses the portable path's own
-// partial-statistics layout, so it needs nothing beyond fused_linear_workspace_floats().
+// per-feature factor and shift); for a train-mode one, the partial statistics of every epilogue
+// subtile in the portable path's layout, and the folds; 0 otherwise.
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& args);
 
 }  // namespace fused

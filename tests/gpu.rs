@@ -29,9 +29,10 @@ const MODES: [(DType, Precision, f64); 4] = [
     (DType::F16, Precision::Exact, 5e-3),
 ];
 
-/// Shapes (m, k, n): 1s, primes, sizes just off the tile multiples, mid-size ones, and one
-/// that the Hopper path takes (k and n multiples of 8) with partial tiles in m, n and k.
-const SHAPES: [(usize, usize, usize); 10] = [
+/// Shapes (m, k, n): 1s, primes, sizes just off the tile multiples, mid-size ones, and some
+/// that the Hopper path takes (k and n multiples of 8) with partial tiles in m, n and k (the
+/// last one with a row tile that lies wholly below m, as epilogue subtiles go).
+const SHAPES: [(usize, usize, usize); 11] = [
     (1, 1, 1),
     (1, 300, 7),
     (2, 3, 257),
@@ -42,6 +43,7 @@ const SHAPES: [(usize, usize, usize); 10] = [
     (64, 256, 128),
     (300, 299, 293),
     (200, 136, 264),
+    (150, 72, 136),
 ];
 
 fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f64 {
