@@ -31,7 +31,7 @@ const MODES: [(DType, Precision, f64); 4] = [
 
 /// Shapes (m, k, n): 1s, primes, sizes just off the tile multiples, mid-size ones, and some
 /// that the Hopper path takes (k and n multiples of 8) with partial tiles in m, n and k (the
-/// last one with a row tile that lies wholly below m, as epilogue subtiles go).
+/// last one with an epilogue subtile wholly past the last row).
 const SHAPES: [(usize, usize, usize); 11] = [
     (1, 1, 1),
     (1, 300, 7),
