@@ -210,10 +210,9 @@ struct ColumnStatistics {
 
   // Threads is the epilogue's thread count; Coords gives each of a thread's values its offset
   // from the thread's first one (CUTLASS's tCcD).
-  template <class EpiTile, class CtaTile, int Threads, class Coords>
+  template <class EpiTile, int Threads, class Coords>
   struct Callbacks : evt::EmptyConsumerStoreCallbacks {
     static constexpr int EPI_M = cute::size<0>(EpiTile{}), EPI_N = cute::size<1>(EpiTile{});
-    static constexpr int CTA_M = cute::size<0>(CtaTile{}), CTA_N = cute::size<1>(CtaTile{});
     static constexpr int PER_WORD = 4 / int(sizeof(E));    // elements per 4-byte word
     static constexpr int WORDS = EPI_N / PER_WORD;          // words per subtile row
     static constexpr int P = Threads / WORDS;              // threads per column of words
@@ -333,7 +332,7 @@ struct ColumnStatistics {
     const int origin_n = int(cute::get<1>(args.residue_cD)) - int(cute::get<1>(args.residue_tCcD));
     const int tile_row = int(cute::get<0>(args.tile_coord_mnkl)) * cute::size<0>(CtaTile{});
     const int tile_col = int(cute::get<1>(args.tile_coord_mnkl)) * cute::size<1>(CtaTile{});
-    return Callbacks<EpiTile, CtaTile, threads, cute::remove_cvref_t<decltype(args.tCcD)>>(
+    return Callbacks<EpiTile, threads, cute::remove_cvref_t<decltype(args.tCcD)>>(
         params, args.tCcD, int(cute::get<0>(args.problem_shape_mnkl)), int(cute::get<1>(args.problem_shape_mnkl)),
         tile_row, tile_col, origin_m, origin_n, args.thread_idx);
   }
