@@ -162,7 +162,8 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
         const bool train = a.batch_norm == FUSED_BN_TRAIN;
         const double du_x = train ? -k * bn_sums[c0 + i] / double(m) : 0.0;
         const double du_0 = train ? -k * bn_sums[n + c0 + i] / double(m) : 0.0;
-        bn[i] = BatchNormGrad{k, du_x * col[i].invstd, du_0 - du_x * col[i].invstd * col[i].mean};
+        const double du_u = du_x * col[i].invstd;
+        bn[i] = BatchNormGrad{k, du_u, du_0 - du_u * col[i].mean};
       }
       constant_grad[i] = col[i].scale + (a.residual ? 1.f : 0.f);
     }

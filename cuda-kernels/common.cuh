@@ -12,13 +12,14 @@
 
 #include "fused_linear.h"
 
-// Returns the error of a CUDA runtime call from the enclosing function.
-#define FUSED_TRY(expr)                    \
-  do {                                     \
-    const cudaError_t fused_err_ = (expr); \
-    if (fused_err_ != cudaSuccess) {       \
-      return fused_err_;                   \
-    }                                      \
+// Returns the error of a CUDA runtime call from the enclosing function. Variadic, so that the
+// call may hold unparenthesised commas (template arguments).
+#define FUSED_TRY(...)                            \
+  do {                                            \
+    const cudaError_t fused_err_ = (__VA_ARGS__); \
+    if (fused_err_ != cudaSuccess) {              \
+      return fused_err_;                          \
+    }                                             \
   } while (0)
 
 namespace fused {
@@ -101,16 +102,16 @@ bool packs_fit(int64_t n, std::initializer_list<const void*> pointers) {
 // Devices whose per-kernel settings are remembered (the others get them on every launch).
 constexpr int MAX_DEVICES = 64;
 
-// Raises `kernel`'s dynamic shared memory limit to `bytes` on `device`, once: the attribute call
-// costs a few µs of host time, during which the GPU may sit idle. `Kernel` names the kernel (a
-// type per kernel function), so that each keeps its own flags; racing first calls set the same
-// value.
-template <class Kernel>
-cudaError_t allow_dynamic_smem(const void* kernel, int bytes, int device) {
+// Raises the dynamic shared memory limit of `Kernel` (a kernel function) to `bytes` on `device`,
+// once: the attribute call costs a few µs of host time, during which the GPU may sit idle. Each
+// kernel keeps its own flags; racing first calls set the same value.
+template <auto Kernel>
+cudaError_t allow_dynamic_smem(int bytes, int device) {
   static std::atomic<bool> done[MAX_DEVICES];
   const bool remembered = device >= 0 && device < MAX_DEVICES;
   if (remembered && done[device].load(std::memory_order_acquire)) return cudaSuccess;
-  FUSED_TRY(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes));
+  FUSED_TRY(cudaFuncSetAttribute(reinterpret_cast<const void*>(Kernel), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                 bytes));
   if (remembered) done[device].store(true, std::memory_order_release);
   return cudaSuccess;
 }

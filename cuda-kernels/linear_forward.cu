@@ -535,18 +535,12 @@ __global__ void __launch_bounds__(Tile<T>::THREADS) linear_forward_kernel(const 
   }
 }
 
-// Names an instantiation of linear_forward_kernel, for its per-device settings.
-template <class T, MathMode MODE, bool VECTOR>
-struct ForwardKernel {};
-
 template <class T, MathMode MODE, bool VECTOR>
 cudaError_t launch_linear_forward_kernel(const FusedLinearArgs& a, cudaStream_t stream) {
   using C = Tile<T>;
   int device = -1;
   FUSED_TRY(cudaGetDevice(&device));
-  using Name = ForwardKernel<T, MODE, VECTOR>;
-  const void* kernel = reinterpret_cast<const void*>(linear_forward_kernel<T, MODE, VECTOR>);
-  FUSED_TRY(allow_dynamic_smem<Name>(kernel, int(C::SMEM_BYTES), device));
+  FUSED_TRY(allow_dynamic_smem<linear_forward_kernel<T, MODE, VECTOR>>(int(C::SMEM_BYTES), device));
   const dim3 grid(unsigned(ceil_div(a.m, C::BM)), unsigned(ceil_div(a.n, C::BN)));
   linear_forward_kernel<T, MODE, VECTOR><<<grid, C::THREADS, C::SMEM_BYTES, stream>>>(a);
   return cudaGetLastError();

@@ -158,7 +158,8 @@ struct ActScaleResidual {
 // The train-mode BatchNorm's statistics, gathered in the epilogue: for every epilogue subtile
 // (EPI_M rows by EPI_N columns of y), the (mean, M2) of each column over the subtile's rows, in
 // the partials layout that batch_norm.cu's merge reads with a row tile of EPI_M:
-// partials[t·n + c] the means and partials[(tiles + t)·n + c] the M2s, t the subtile's row tile.
+// partials[t·n + c] the means and partials[(tiles + t)·n + c] the M2s, t the subtile's row tile
+// and tiles = ceil(m / EPI_M).
 // They are the statistics of y as stored, rounded to T, which is what PyTorch's BatchNorm sees.
 //
 // The node passes y through unchanged and works in reduce(), where CUTLASS hands it the subtile's
@@ -174,7 +175,6 @@ struct ColumnStatistics {
   struct SharedStorage {};
   struct Arguments {
     float* partials = nullptr;  // 2 · tiles · n floats, or null
-    int64_t tiles = 0;          // row tiles of EPI_M rows: ceil(m / EPI_M)
   };
   using Params = Arguments;
 
@@ -306,7 +306,7 @@ struct ColumnStatistics {
         if (part == 0) {
           const int64_t tile = row0 / EPI_M;
           float* means = params.partials + tile * n;
-          float* m2s = params.partials + (params.tiles + tile) * n;
+          float* m2s = params.partials + (ceil_div(m, EPI_M) + tile) * n;
           CUTLASS_PRAGMA_UNROLL
           for (int e = 0; e < PER_WORD; ++e) {
             const int c = tile_col + epi_n * EPI_N + c0 + e;
@@ -375,7 +375,6 @@ struct LinearEpilogue {
     const float* bn_factor;
     const float* bn_shift;  // both null: no eval BatchNorm
     float* bn_partials;     // null: no train BatchNorm
-    int64_t bn_tiles;       // row tiles of the partials
     PointwiseArguments pointwise;
     int64_t m, n;
   };
@@ -393,7 +392,7 @@ struct LinearEpilogue {
          {in.bn_factor, 1.f},                            // f
          {in.bn_shift, 0.f},                             // d
          {}},                                            // u * f + d
-        {in.bn_partials, in.bn_tiles}};                  // column statistics
+        {in.bn_partials}};                               // column statistics
   }
 };
 
@@ -600,9 +599,8 @@ cudaError_t launch_gemm(const typename G::Arguments& args, int device, cudaStrea
   using Kernel = typename G::Kernel;
   using Cluster = typename G::Cluster;
   static_assert(cute::size(Cluster{}) <= 8, "cluster sizes above 8 need cudaFuncAttributeNonPortableClusterSizeAllowed");
-  const void* kernel = reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>);
   constexpr int smem_bytes = Kernel::SharedStorageSize;
-  FUSED_TRY(allow_dynamic_smem<Kernel>(kernel, smem_bytes, device));
+  FUSED_TRY(allow_dynamic_smem<cutlass::device_kernel<Kernel>>(smem_bytes, device));
   typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
@@ -617,7 +615,7 @@ cudaError_t launch_gemm(const typename G::Arguments& args, int device, cudaStrea
   config.attrs = &cluster;
   config.numAttrs = 1;
   void* kernel_args[] = {&params};
-  return cudaLaunchKernelExC(&config, kernel, kernel_args);
+  return cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>), kernel_args);
 }
 
 // The checks that need no device: element type, shape, alignment, epilogue.
@@ -648,7 +646,6 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
                                     eval ? a.workspace : nullptr,
                                     eval ? a.workspace + a.n : nullptr,
                                     train ? a.workspace : nullptr,
-                                    ceil_div(a.m, G::stats_row_tile),
                                     PointwiseArguments{a.activation, a.has_scale ? 1.f : a.scale, a.residual != 0},
                                     a.m,
                                     a.n};

@@ -255,9 +255,10 @@ fn time(device: &Device, iters: usize, mut run: impl FnMut(usize) -> Result<()>)
     };
     let host_ms = median(host_times);
     Ok(Timing {
-        median_ms: match device_times.is_empty() {
-            true => host_ms,
-            false => median(device_times),
+        median_ms: if device_times.is_empty() {
+            host_ms
+        } else {
+            median(device_times)
         },
         host_ms,
         submit_ms: median(submit_times),
