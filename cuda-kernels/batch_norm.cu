@@ -5,7 +5,9 @@
 // way the textbook Σu² − (Σu)²/n is not: no cancellation when |mean| ≫ std. Two kernels, one
 // job each:
 //   - merge: the partials of each feature are merged (by eight threads, then one), which writes
-//     the batch statistics and the normalisation factor γ/sqrt(var + eps);
+//     the batch statistics and the normalisation factor γ/sqrt(var + eps) and, when asked, folds
+//     the statistics into the running ones (PyTorch's running-statistics update, which would
+//     otherwise be three more launches after the normalisation: mean, variance, batch count);
 //   - normalise: rewrites y in place as (u − mean)·factor + β, a pure streaming pass in which
 //     each thread moves 8-byte packs of a row and a warp covers 32 packs of it, so every row
 //     access is coalesced and each thread keeps four rows in flight (with two, a 1024x8192 bf16
@@ -37,6 +39,13 @@ struct RowStats {
   }
 };
 
+// BatchNorm's running-statistics update of one feature: running = (1 − factor)·running +
+// factor·weight·batch, computed in f32 and rounded once to the buffer's type.
+template <class R>
+__device__ __forceinline__ void blend_running(R* running, int64_t c, float batch, float factor, float weight) {
+  running[c] = from_float<R>((1.f - factor) * to_float(running[c]) + factor * weight * batch);
+}
+
 // A block merges MERGE_COLS features: its MERGE_GROUPS thread rows each merge every
 // MERGE_GROUPS-th tile (independent loads in flight instead of one dependent chain per
 // feature), then the first row merges the groups, in a fixed order.
@@ -64,6 +73,12 @@ __global__ void __launch_bounds__(MERGE_COLS* MERGE_GROUPS) batch_norm_merge_ker
   const float var = all.m2 / float(m);
   a.stats[c] = all.mean;
   a.stats[n + c] = var;
+  if (a.running_mean != nullptr) {
+    // PyTorch blends in the unbiased variance; train mode guarantees m ≥ 2.
+    blend_running(static_cast<T*>(a.running_mean), c, all.mean, a.running_factor, 1.f);
+    blend_running(static_cast<T*>(a.running_var), c, var, a.running_factor, float(m) / float(m - 1));
+    if (c == 0 && a.num_batches_tracked != nullptr) *a.num_batches_tracked += 1;
+  }
   const T* p = static_cast<const T*>(a.params);
   const int64_t gamma_row = 1 + a.has_scale;
   const BatchNormFold fold =
@@ -133,16 +148,15 @@ cudaError_t batch_norm_train_finalize(const FusedLinearArgs& a, int64_t row_tile
   });
 }
 
-// BatchNorm's running-statistics update, one thread per feature:
-// running = (1 − factor)·running + factor·weight·batch, computed in f32 and rounded once to the
-// buffer's type. It replaces the convert/scale/add/convert chain of a framework-level update
-// with one launch per buffer.
+// BatchNorm's running-statistics update of one buffer from statistics already computed, one
+// thread per feature (the forward's merge does the same when it is given the buffers). It
+// replaces the convert/scale/add/convert chain of a framework-level update with one launch.
 template <class T>
 __global__ void batch_norm_update_running_kernel(T* running, const float* batch, int64_t n, float factor,
                                                  float weight) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= n) return;
-  running[c] = from_float<T>((1.f - factor) * to_float(running[c]) + factor * weight * batch[c]);
+  blend_running(running, c, batch[c], factor, weight);
 }
 
 }  // namespace fused

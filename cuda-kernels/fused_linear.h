@@ -28,6 +28,12 @@ typedef struct {
   void* z;           // (m, n) pre-activation, or NULL to skip it
   float* workspace;  // BN train: fused_linear_workspace_floats() floats; NULL otherwise
   float* stats;      // BN: (2, n) [mean, biased variance]; NULL otherwise
+  // BN train, optional: BatchNorm's running statistics, (n) each of type dtype, updated
+  // in place from the batch statistics by the kernel that merges them, as
+  // batch_norm_update_running does (the variance unbiased); NULL leaves them alone.
+  void* running_mean;
+  void* running_var;
+  int64_t* num_batches_tracked;  // BN train, optional: incremented by one along with them
   int64_t m, n, k;
   int32_t dtype;       // FusedDType
   int32_t tf32;        // f32 only: 1 = one TF32 product, 0 = 3xTF32 (fp32 accuracy)
@@ -37,6 +43,7 @@ typedef struct {
   int32_t batch_norm;  // FusedBatchNorm
   float scale;         // the scalar factor (1 when per-feature)
   float eps;           // BN epsilon
+  float running_factor;  // BN train with running statistics: the batch's weight in the blend
 } FusedLinearArgs;
 
 // Floats of workspace that fused_linear_forward needs for these arguments (0 unless BN train).

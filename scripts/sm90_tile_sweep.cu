@@ -3,8 +3,9 @@
 // evidence behind the configurations that the crate ships. Built by scripts/sm90-tile-sweep.sh,
 // run on the GPU machine by `scripts/gpu-run.sh tiles`.
 //
-// Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, and SwishScale's at
-// 128×32768→32768 in TF32 (the narrow-batch configuration). Each line is the median of 40
+// Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, SwishScale's at
+// 128×32768→32768 in TF32 (the narrow-batch configuration), and the weight gradient of that
+// SwishScale's train step in bf16 and TF32 (which the crate leaves to cuBLAS). Each line is the median of 40
 // launches after 5 warm-up ones, timed by CUDA events.
 #define FUSED_SM90_PIECES_ONLY
 #include "linear_sm90.cu"
@@ -136,16 +137,36 @@ void release(FusedLinearArgs& a) {
   cudaFree(a.y);
 }
 
+// cuBLAS, the wide-batch configuration (`wide_name`) and its alternatives on `a`.
+template <class T>
+void time_wide_configs(cublasHandle_t handle, const FusedLinearArgs& a, const char* wide_name) {
+  time_cublas(handle, a);
+  time_config<T, WideBatch>(wide_name, a);
+  time_config<T, WidePingPongClusterN>("ping-pong 128x128, cluster 1x2", a);
+  time_config<T, WideCooperative128x256>("cooperative 128x256, cluster 2x1", a);
+  time_config<T, WideCooperative256x128>("cooperative 256x128, cluster 2x1", a);
+}
+
 // The wide-batch alternatives on SigmoidResidual's epilogue at 1024×8192→8192, in T.
 template <class T>
 void sweep_wide(cublasHandle_t handle, const char* precision) {
   FusedLinearArgs a = problem<T>(1024, 8192, 8192, ACT_SIGMOID, 1);
   printf("%s 1024x8192->8192, SigmoidResidual epilogue, k step %d\n", precision, 128 / int(sizeof(T)));
-  time_cublas(handle, a);
-  time_config<T, WideBatch>("ping-pong 128x128, cluster 2x1 (shipped)", a);
-  time_config<T, WidePingPongClusterN>("ping-pong 128x128, cluster 1x2", a);
-  time_config<T, WideCooperative128x256>("cooperative 128x256, cluster 2x1", a);
-  time_config<T, WideCooperative256x128>("cooperative 256x128, cluster 2x1", a);
+  time_wide_configs<T>(handle, a, "ping-pong 128x128, cluster 2x1 (shipped)");
+  release(a);
+}
+
+// A weight gradient dW = dzᵀ·x of SwishScale's train step, as the fused GEMM would take it from
+// the transposed copies: 32768×32768 outputs from a 128-deep contraction (the batch), no
+// epilogue. Writing dW bounds it (2.15 GB in bf16: 0.51 ms at the measured copy rate).
+template <class T>
+void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
+  FusedLinearArgs a = problem<T>(32768, 32768, 128, ACT_IDENTITY, 0);
+  cudaFree(const_cast<void*>(a.params));
+  a.params = nullptr;
+  a.scale = 1.f;
+  printf("%s weight gradient 32768x32768, k 128, no epilogue\n", precision);
+  time_wide_configs<T>(handle, a, "ping-pong 128x128, cluster 2x1 (wide batch)");
   release(a);
 }
 
@@ -170,6 +191,8 @@ int sweep() {
   sweep_wide<__nv_bfloat16>(handle, "bf16");
   sweep_wide<float>(handle, "tf32");
   sweep_narrow(handle);
+  sweep_weight_grad<__nv_bfloat16>(handle, "bf16");
+  sweep_weight_grad<float>(handle, "tf32");
   cublasDestroy(handle);
   const cudaError_t last = cudaDeviceSynchronize();
   printf("%s\n", last == cudaSuccess ? "done" : cudaGetErrorString(last));

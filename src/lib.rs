@@ -42,7 +42,7 @@ pub use epilogue::{Activation, Epilogue, OutputScale};
 pub use nn::{FusedLinear, Model, ScaleBatchNorm, SigmoidResidual, SwishScale, TracedModuleT};
 pub use ops::{
     fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
-    BatchNormParams, BatchStats, Precision, Trace,
+    BatchNormParams, BatchStats, Precision, RunningUpdate, Trace,
 };
 
 /// Makes `device` keep the memory of freed tensors for reuse, as PyTorch's caching allocator

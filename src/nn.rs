@@ -11,7 +11,7 @@ use crate::checkpoint::{ModelConfig, ModelKind};
 use crate::epilogue::Epilogue;
 use crate::ops::{
     fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
-    BatchNormParams, BatchStats, Precision, Trace,
+    BatchNormParams, Precision, RunningUpdate, Trace,
 };
 use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -355,69 +355,70 @@ impl ScaleBatchNorm {
         ]
     }
 
-    /// PyTorch's running-statistics update after a train-mode batch of `batch` rows.
-    fn update_running_stats(&self, stats: &BatchStats, batch: usize) -> Result<()> {
+    /// Runs a forward `f` with BatchNorm's parameters and buffers as the op takes them: in
+    /// train mode with PyTorch's running-statistics update (momentum or cumulative average, and
+    /// `num_batches_tracked` counted), which the op applies in place.
+    fn with_batch_norm_params<R>(
+        &self,
+        train: bool,
+        f: impl FnOnce(&BatchNormParams) -> Result<R>,
+    ) -> Result<R> {
         let mut seen = self
             .batches_seen
             .lock()
             .map_err(|_| candle_core::Error::Msg("ScaleBatchNorm: state poisoned".into()))?;
-        let factor = self.momentum.unwrap_or(1.0 / (*seen + 1) as f64);
-        stats.update_running(&self.running_mean, &self.running_var, factor, batch)?;
-        self.num_batches_tracked
-            .set(&self.num_batches_tracked.as_tensor().affine(1.0, 1.0)?)?;
-        *seen += 1;
-        Ok(())
-    }
-}
-
-impl ScaleBatchNorm {
-    /// BatchNorm's parameters and buffers as the op takes them.
-    fn batch_norm_params(&self) -> BatchNormParams<'_> {
-        BatchNormParams {
+        let update = train.then(|| RunningUpdate {
+            factor: self.momentum.unwrap_or(1.0 / (*seen + 1) as f64),
+            num_batches_tracked: Some(self.num_batches_tracked.as_tensor()),
+        });
+        let out = f(&BatchNormParams {
             weight: &self.bn_weight,
             bias: &self.bn_bias,
             running_mean: self.running_mean.as_tensor(),
             running_var: self.running_var.as_tensor(),
             eps: self.eps,
+            update,
+        })?;
+        if train {
+            *seen += 1;
         }
+        Ok(out)
     }
 }
 
 impl ModuleT for ScaleBatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let (y, stats) = fused_linear_batch_norm(
-            x,
-            self.gemm.weight(),
-            self.gemm.bias(),
-            self.gemm.scale(),
-            self.gemm.epilogue(),
-            &self.batch_norm_params(),
-            train,
-            self.gemm.precision,
-        )?;
-        if let Some(stats) = stats {
-            self.update_running_stats(&stats, x.dim(0)?)?;
-        }
-        Ok(y)
+        self.with_batch_norm_params(train, |bn| {
+            let (y, _) = fused_linear_batch_norm(
+                x,
+                self.gemm.weight(),
+                self.gemm.bias(),
+                self.gemm.scale(),
+                self.gemm.epilogue(),
+                bn,
+                train,
+                self.gemm.precision,
+            )?;
+            Ok(y)
+        })
     }
 }
 
 impl TracedModuleT for ScaleBatchNorm {
     fn forward_traced(&self, x: &Tensor, train: bool) -> Result<(Tensor, Trace)> {
-        let (y, stats, trace) = fused_linear_batch_norm_traced(
-            x,
-            self.gemm.weight(),
-            self.gemm.bias(),
-            self.gemm.scale(),
-            self.gemm.epilogue(),
-            &self.batch_norm_params(),
-            train,
-            self.gemm.precision,
-        )?;
-        if let Some(stats) = stats {
-            self.update_running_stats(&stats, x.dim(0)?)?;
-        }
-        Ok((y, trace))
+        self.with_batch_norm_params(train, |bn| {
+            let (y, _, trace) = fused_linear_batch_norm_traced(
+                x,
+                self.gemm.weight(),
+                self.gemm.bias(),
+                self.gemm.scale(),
+                self.gemm.epilogue(),
+                bn,
+                train,
+                self.gemm.precision,
+            )?;
+            Ok((y, trace))
+        })
     }
 }
 

@@ -6,8 +6,8 @@ mod common;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_fused::{
     fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, BatchStats, Epilogue,
-    FusedLinear, Model, ModelConfig, ModelKind, Precision, ScaleBatchNorm, SwishScale,
-    TracedModuleT,
+    FusedLinear, Model, ModelConfig, ModelKind, Precision, RunningUpdate, ScaleBatchNorm,
+    SwishScale, TracedModuleT,
 };
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_err, to_f64};
@@ -73,6 +73,7 @@ impl Operands {
             running_mean: &self.running_mean,
             running_var: &self.running_var,
             eps: EPS,
+            update: None,
         }
     }
 
@@ -880,6 +881,118 @@ fn trace_backward_rejects_a_mismatched_output_gradient() {
         }
         assert!(first.get(&x).is_some());
     }
+}
+
+/// A train-mode forward with `bn.update` refuses running buffers that it could not write
+/// safely (shared storage, strided views), a bad factor or counter, and leaves the buffers
+/// untouched when it refuses; a valid one is PyTorch's update (checked in f64).
+#[test]
+fn running_update_in_the_forward_rejects_bad_buffers() {
+    let ops = Operands::new(4, 8, 6).to_dtype(DType::F64);
+    let count = Tensor::new(2i64, &Device::Cpu).unwrap();
+    let forward = |bn: &BatchNormParams| {
+        fused_linear_batch_norm(
+            &ops.x,
+            &ops.w,
+            Some(&ops.b),
+            Some(&ops.scale),
+            Epilogue::per_feature_scale(),
+            bn,
+            true,
+            Precision::Exact,
+        )
+    };
+    let update = |factor, num_batches_tracked| RunningUpdate {
+        factor,
+        num_batches_tracked,
+    };
+    let (mean, var) = (
+        ops.running_mean.copy().unwrap(),
+        ops.running_var.copy().unwrap(),
+    );
+    let wide = Tensor::stack(&[&mean, &var], 1).unwrap();
+    let strided = wide.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+    let in_x = ops.x.flatten_all().unwrap().narrow(0, 0, 6).unwrap();
+    let f32_count = Tensor::new(2f32, &Device::Cpu).unwrap();
+    let cases: [(Tensor, Tensor, RunningUpdate, &[&str]); 6] = [
+        (
+            mean.clone(),
+            mean.clone(),
+            update(0.1, None),
+            &["bn.running_var shares its storage with bn.running_mean"],
+        ),
+        (
+            in_x,
+            var.clone(),
+            update(0.1, None),
+            &["bn.running_mean shares its storage with the input"],
+        ),
+        (
+            strided,
+            var.clone(),
+            update(0.1, None),
+            &["bn.running_mean must be contiguous"],
+        ),
+        (
+            mean.clone(),
+            var.clone(),
+            update(1.5, None),
+            &["factor must be in [0, 1], got 1.5"],
+        ),
+        (
+            mean.clone(),
+            var.clone(),
+            update(0.1, Some(&f32_count)),
+            &["num_batches_tracked must be one int64", "F32"],
+        ),
+        (
+            mean.clone(),
+            var.clone(),
+            update(0.1, Some(&mean)),
+            &["num_batches_tracked must be one int64"],
+        ),
+    ];
+    for (running_mean, running_var, update, needles) in cases {
+        let bn = BatchNormParams {
+            running_mean: &running_mean,
+            running_var: &running_var,
+            update: Some(update),
+            ..ops.bn()
+        };
+        let mut needles = needles.to_vec();
+        needles.push(OPS[1]);
+        assert_err(forward(&bn), &needles);
+    }
+    assert_eq!(
+        to_f64(&mean),
+        to_f64(&ops.running_mean),
+        "a refused call wrote"
+    );
+    assert_eq!(
+        to_f64(&var),
+        to_f64(&ops.running_var),
+        "a refused call wrote"
+    );
+    assert_eq!(count.to_scalar::<i64>().unwrap(), 2);
+
+    let bn = BatchNormParams {
+        running_mean: &mean,
+        running_var: &var,
+        update: Some(update(0.25, Some(&count))),
+        ..ops.bn()
+    };
+    let (_, stats) = forward(&bn).unwrap();
+    let stats = stats.unwrap();
+    let blend = |running: &Tensor, batch: &Tensor, weight: f64| -> Vec<f64> {
+        to_f64(running)
+            .iter()
+            .zip(to_f64(batch))
+            .map(|(r, b)| 0.75 * r + 0.25 * weight * b)
+            .collect()
+    };
+    assert_eq!(to_f64(&mean), blend(&ops.running_mean, &stats.mean, 1.0));
+    assert_eq!(to_f64(&var), blend(&ops.running_var, &stats.var, 4.0 / 3.0));
+    assert_eq!(count.to_scalar::<i64>().unwrap(), 3);
 }
 
 #[test]

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{
     fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
-    Activation, BatchNormParams, Checkpoint, Epilogue, OutputScale, Precision,
+    Activation, BatchNormParams, Checkpoint, Epilogue, OutputScale, Precision, RunningUpdate,
 };
 
 fn gpu() -> Option<Device> {
@@ -187,6 +187,7 @@ fn batch_norm_matches_cpu_on_odd_shapes() {
                             running_mean: &t[6],
                             running_var: &t[7],
                             eps: 1e-5,
+                            update: None,
                         };
                         let scale = epilogue.has_scale_param().then(|| &t[3]);
                         fused_linear_batch_norm(
@@ -243,6 +244,78 @@ fn batch_norm_matches_cpu_on_odd_shapes() {
     }
 }
 
+/// A train-mode forward given `bn.update` folds its batch statistics into the running ones in
+/// place (on the GPU, in the kernel that merges the statistics), as PyTorch does: blended with
+/// the momentum, the variance unbiased, `num_batches_tracked` counted; on the CPU alike.
+#[test]
+fn train_forward_updates_running_statistics() {
+    let Some(device) = gpu() else { return };
+    for &(m, k, n) in SHAPES.iter().filter(|s| s.0 >= 2) {
+        for (dtype, precision, tol) in MODES {
+            let bound = 1.0 / (k as f32).sqrt();
+            let shapes: [(&[usize], f32, f32); 7] = [
+                (&[m, k], -1.0, 1.0),
+                (&[n, k], -bound, bound),
+                (&[n], -0.5, 0.5),
+                (&[n], 0.5, 1.5),
+                (&[n], -0.5, 0.5),
+                (&[n], -0.2, 0.2),
+                (&[n], 0.5, 2.0),
+            ];
+            let ops = operands(&device, &shapes, dtype);
+            let what = format!("{m}x{k}->{n} {dtype:?} {precision:?}");
+            for t in [&ops.gpu, &ops.cpu64] {
+                let (mean, var) = (t[5].copy().unwrap(), t[6].copy().unwrap());
+                let count = Tensor::new(3i64, t[0].device()).unwrap();
+                let bn = BatchNormParams {
+                    weight: &t[3],
+                    bias: &t[4],
+                    running_mean: &mean,
+                    running_var: &var,
+                    eps: 1e-5,
+                    update: Some(RunningUpdate {
+                        factor: 0.1,
+                        num_batches_tracked: Some(&count),
+                    }),
+                };
+                let epilogue = Epilogue::swish_scale(2.0);
+                let (_, stats) = fused_linear_batch_norm(
+                    &t[0],
+                    &t[1],
+                    Some(&t[2]),
+                    None,
+                    epilogue,
+                    &bn,
+                    true,
+                    precision,
+                )
+                .unwrap();
+                let stats = stats.unwrap();
+                // PyTorch's update of the statistics that this forward returned, in f64.
+                let blend = |running: &Tensor, batch: &Tensor, weight: f64| {
+                    let r = running
+                        .to_dtype(DType::F64)
+                        .unwrap()
+                        .affine(0.9, 0.0)
+                        .unwrap();
+                    let b = batch.to_dtype(DType::F64).unwrap();
+                    (r + b.affine(0.1 * weight, 0.0).unwrap()).unwrap()
+                };
+                let unbiased = m as f64 / (m as f64 - 1.0);
+                let err_mean = max_rel_error(&mean, &blend(&t[5], &stats.mean, 1.0));
+                let err_var = max_rel_error(&var, &blend(&t[6], &stats.var, unbiased));
+                let tol = if t[0].device().is_cpu() { 1e-12 } else { tol };
+                assert!(err_mean <= tol, "{what}: running mean error {err_mean:.2e}");
+                assert!(
+                    err_var <= tol,
+                    "{what}: running variance error {err_var:.2e}"
+                );
+                assert_eq!(count.to_scalar::<i64>().unwrap(), 4, "{what}: batch count");
+            }
+        }
+    }
+}
+
 #[test]
 fn gradients_match_cpu_on_odd_shapes() {
     let Some(device) = gpu() else { return };
@@ -285,6 +358,7 @@ fn gradients_match_cpu_on_odd_shapes() {
                             running_mean: &rm,
                             running_var: &rv,
                             eps: 1e-5,
+                            update: None,
                         };
                         let train = which == "bn-train";
                         let args = (v[0], v[1], Some(v[2]), scale, epilogue);

@@ -264,6 +264,7 @@ fn batch_norm_gradients_match_finite_differences() {
                             running_mean: &running_mean,
                             running_var: &running_var,
                             eps: 1e-3,
+                            update: None,
                         };
                         let (y, _) = fused_linear_batch_norm(
                             &t[0],

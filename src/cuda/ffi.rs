@@ -34,6 +34,12 @@ pub(crate) struct FusedLinearArgs {
     pub workspace: *mut f32,
     /// BatchNorm: the (2, n) f32 statistics; null otherwise.
     pub stats: *mut f32,
+    /// BatchNorm train: the running mean (n), updated in place; null to leave it alone.
+    pub running_mean: *mut c_void,
+    /// BatchNorm train: the running variance (n), updated with `running_mean`.
+    pub running_var: *mut c_void,
+    /// BatchNorm train: `num_batches_tracked`, incremented with the running statistics; or null.
+    pub num_batches_tracked: *mut i64,
     /// Rows of `x`.
     pub m: i64,
     /// Rows of `w`.
@@ -56,6 +62,38 @@ pub(crate) struct FusedLinearArgs {
     pub scale: f32,
     /// BatchNorm epsilon.
     pub eps: f32,
+    /// BatchNorm train with running statistics: the batch statistics' weight in the blend.
+    pub running_factor: f32,
+}
+
+impl Default for FusedLinearArgs {
+    /// Null pointers, zero extents, f32, no epilogue: a base for the fields a call sets.
+    fn default() -> Self {
+        FusedLinearArgs {
+            x: std::ptr::null(),
+            w: std::ptr::null(),
+            params: std::ptr::null(),
+            y: std::ptr::null_mut(),
+            z: std::ptr::null_mut(),
+            workspace: std::ptr::null_mut(),
+            stats: std::ptr::null_mut(),
+            running_mean: std::ptr::null_mut(),
+            running_var: std::ptr::null_mut(),
+            num_batches_tracked: std::ptr::null_mut(),
+            m: 0,
+            n: 0,
+            k: 0,
+            dtype: DTYPE_F32,
+            tf32: 0,
+            activation: 0,
+            has_scale: 0,
+            residual: 0,
+            batch_norm: BN_NONE,
+            scale: 1.0,
+            eps: 0.0,
+            running_factor: 0.0,
+        }
+    }
 }
 
 /// `FusedBackwardArgs`: the operands of `fused_backward`.

@@ -49,20 +49,45 @@ pub(crate) fn linear_forward(
     keep_preactivation: bool,
 ) -> Result<(CudaStorage, Option<CudaStorage>)> {
     let params_rows = 1 + p.epilogue.has_scale_param() as usize;
-    let (y, z, _) = forward(p, params_rows, None, keep_preactivation)?;
+    let (y, z, _) = forward(p, params_rows, None, keep_preactivation, None)?;
     Ok((y, z))
 }
 
+/// BatchNorm's running statistics, for a train-mode forward to update in place: the running
+/// mean and variance (`n` elements each, of the operands' dtype, from the given element
+/// offsets), optionally `num_batches_tracked` (one int64, incremented), and the weight of the
+/// batch statistics in the blend.
+pub(crate) struct RunningTargets<'a> {
+    /// `bn.running_mean` and the offset of its first element.
+    pub mean: (&'a mut CudaStorage, usize),
+    /// `bn.running_var` and the offset of its first element.
+    pub var: (&'a mut CudaStorage, usize),
+    /// `bn.num_batches_tracked` and the offset of its element, if it is to be counted.
+    pub num_batches_tracked: Option<(&'a mut CudaStorage, usize)>,
+    /// The batch statistics' weight: BatchNorm's momentum, or its cumulative-average factor.
+    pub factor: f64,
+}
+
 /// y, optional z, and stats (2, n) f32: [mean, biased var] (batch stats in train; in eval, the
-/// running stats converted to f32).
+/// running stats converted to f32). In train mode, `running` is updated in place when given.
 pub(crate) fn linear_batch_norm_forward(
     p: &LinearProblem,
     eps: f64,
     train: bool,
     keep_preactivation: bool,
+    running: Option<RunningTargets>,
 ) -> Result<(CudaStorage, Option<CudaStorage>, CudaStorage)> {
+    if running.is_some() && !train {
+        bail!("fused_linear_batch_norm: eval mode leaves the running statistics alone");
+    }
     let params_rows = batch_norm_rows(&p.epilogue, train);
-    let (y, z, stats) = forward(p, params_rows, Some((eps, train)), keep_preactivation)?;
+    let (y, z, stats) = forward(
+        p,
+        params_rows,
+        Some((eps, train)),
+        keep_preactivation,
+        running,
+    )?;
     match stats {
         Some(stats) => Ok((y, z, stats)),
         None => bail!("fused_linear_batch_norm: the forward produced no statistics"),
@@ -123,6 +148,7 @@ fn forward(
     params_rows: usize,
     batch_norm: Option<(f64, bool)>,
     keep_preactivation: bool,
+    mut running: Option<RunningTargets>,
 ) -> Result<(CudaStorage, Option<CudaStorage>, Option<CudaStorage>)> {
     const OP: &str = "fused_linear forward";
     let (m, n, k) = (p.m, p.n, p.k);
@@ -131,6 +157,9 @@ fn forward(
     }
     let mut operands = vec![("x", p.x.0), ("w", p.w.0)];
     operands.extend(p.params.map(|params| ("params", params.0)));
+    if let Some(r) = &running {
+        operands.extend([("running_mean", &*r.mean.0), ("running_var", &*r.var.0)]);
+    }
     let dtype = operand_dtype(OP, &operands)?;
     let dev = p.x.0.device().clone();
     let stream = dev.cuda_stream();
@@ -148,13 +177,6 @@ fn forward(
         None => None,
     };
     let mut args = ffi::FusedLinearArgs {
-        x: std::ptr::null(),
-        w: std::ptr::null(),
-        params: std::ptr::null(),
-        y: std::ptr::null_mut(),
-        z: std::ptr::null_mut(),
-        workspace: std::ptr::null_mut(),
-        stats: std::ptr::null_mut(),
         m: m as i64,
         n: n as i64,
         k: k as i64,
@@ -170,6 +192,8 @@ fn forward(
         },
         scale: p.epilogue.scalar_scale() as f32,
         eps: batch_norm.map_or(0.0, |(eps, _)| eps as f32),
+        running_factor: running.as_ref().map_or(0.0, |r| r.factor as f32),
+        ..Default::default()
     };
     // SAFETY: the function only reads the plain fields of `args`.
     let workspace_len =
@@ -192,6 +216,33 @@ fn forward(
         let zp = z.as_mut().map(|z| output_ptr(z, &stream)).transpose()?;
         let sp = stats.as_mut().map(|s| output_ptr(s, &stream)).transpose()?;
         let wsp = workspace.as_mut().map(|ws| ws.device_ptr_mut(&stream));
+        let mut running_guards = Vec::new();
+        if let Some(r) = running.as_mut() {
+            if let Some((count, _)) = &r.num_batches_tracked {
+                if count.dtype() != DType::I64 {
+                    bail!(
+                        "{OP}: num_batches_tracked must be int64, got {:?}",
+                        count.dtype()
+                    );
+                }
+            }
+            let targets = [
+                (Some(&mut r.mean), "running_mean", n),
+                (Some(&mut r.var), "running_var", n),
+                (r.num_batches_tracked.as_mut(), "num_batches_tracked", 1),
+            ];
+            let mut ptrs = [std::ptr::null_mut(); 3];
+            for (ptr, (target, name, len)) in ptrs.iter_mut().zip(targets) {
+                if let Some((storage, offset)) = target {
+                    let (p, guard) = inout_ptr(storage, *offset, len, &stream, name)?;
+                    *ptr = p;
+                    running_guards.push(guard);
+                }
+            }
+            args.running_mean = ptrs[0];
+            args.running_var = ptrs[1];
+            args.num_batches_tracked = ptrs[2].cast();
+        }
         args.x = x;
         args.w = w;
         args.params = params.as_ref().map_or(std::ptr::null(), |(p, _)| *p);
@@ -473,7 +524,7 @@ pub(crate) fn linear_input_and_weight_grads(
                 epilogue: Epilogue::IDENTITY,
                 precision,
             };
-            Ok(forward(&problem, 0, None, false)?.0)
+            Ok(forward(&problem, 0, None, false, None)?.0)
         };
         return Ok((product(dz, w_t, (m, k, n))?, product(dz_t, x_t, (n, k, m))?));
     }
@@ -610,17 +661,14 @@ pub(crate) fn batch_norm_update_running(
     let dtype = ffi_dtype(running.0.dtype())?;
     let stream = batch.0.device().cuda_stream();
     let (bp, _gb) = input_ptr(batch.0, batch.1, n, &stream, "batch statistic")?;
-    let start = running.1;
-    check_extent("the running buffer", start, n, storage_len(running.0))?;
-    let element = running.0.dtype().size_in_bytes();
-    let (rp, _gr) = output_ptr(running.0, &stream)?;
+    let (rp, _gr) = inout_ptr(running.0, running.1, n, &stream, "the running buffer")?;
     bind(&stream, OP)?;
     // SAFETY: both ranges were checked against their allocations; the guards order the
     // accesses on candle's stream.
     check(
         unsafe {
             ffi::batch_norm_update_running(
-                (rp as *mut u8).add(start * element).cast(),
+                rp,
                 bp as *const f32,
                 n as i64,
                 dtype,
@@ -641,16 +689,6 @@ fn check_extent(name: &str, offset: usize, len: usize, capacity: usize) -> Resul
         );
     }
     Ok(())
-}
-
-/// Elements in a storage's allocation.
-fn storage_len(s: &CudaStorage) -> usize {
-    match &s.slice {
-        CudaStorageSlice::F32(v) => v.len(),
-        CudaStorageSlice::F16(v) => v.len(),
-        CudaStorageSlice::BF16(v) => v.len(),
-        _ => 0,
-    }
 }
 
 /// The common dtype of the operands, which must be f32, f16 or bf16.
@@ -731,6 +769,37 @@ fn input_ptr<'a>(
             "fused_linear: {name} has unsupported dtype {:?} on CUDA",
             s.dtype()
         ),
+    }
+}
+
+/// The device address of elements `[offset, offset + len)` of `s`, which the kernels read and
+/// write in place, checked against its extent, with the guard that orders the write on `stream`.
+fn inout_ptr<'a>(
+    s: &'a mut CudaStorage,
+    offset: usize,
+    len: usize,
+    stream: &'a CudaStream,
+    name: &str,
+) -> Result<(*mut c_void, SyncOnDrop<'a>)> {
+    fn of<'a, T>(
+        slice: &'a mut CudaSlice<T>,
+        offset: usize,
+        len: usize,
+        stream: &'a CudaStream,
+        name: &str,
+    ) -> Result<(*mut c_void, SyncOnDrop<'a>)> {
+        check_extent(name, offset, len, slice.len())?;
+        let (ptr, guard) = slice.device_ptr_mut(stream);
+        let addr = ptr + (offset * std::mem::size_of::<T>()) as u64;
+        Ok((addr as *mut c_void, guard))
+    }
+    let dtype = s.dtype();
+    match &mut s.slice {
+        CudaStorageSlice::F32(v) => of(v, offset, len, stream, name),
+        CudaStorageSlice::F16(v) => of(v, offset, len, stream, name),
+        CudaStorageSlice::BF16(v) => of(v, offset, len, stream, name),
+        CudaStorageSlice::I64(v) => of(v, offset, len, stream, name),
+        _ => bail!("fused_linear: {name} has unsupported dtype {dtype:?} on CUDA"),
     }
 }
 

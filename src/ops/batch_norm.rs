@@ -7,8 +7,10 @@ use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
 use candle_core::{
-    CpuStorage, CustomOp3, DType, Device, InplaceOp2, Layout, Result, Shape, Storage, Tensor, Var,
+    CpuStorage, CustomOp3, DType, Device, InplaceOp1, InplaceOp2, Layout, Result, Shape, Storage,
+    Tensor, Var,
 };
+use std::cell::Cell;
 use std::sync::Arc;
 
 /// BatchNorm1d's parameters and buffers, each of shape `(out,)` and the input's dtype.
@@ -24,6 +26,25 @@ pub struct BatchNormParams<'a> {
     pub running_var: &'a Tensor,
     /// Added to the variance before the square root.
     pub eps: f64,
+    /// In train mode, whether the forward also updates `running_mean` and `running_var` in
+    /// place, as PyTorch's train-mode BatchNorm does (on the GPU inside the kernel that merges
+    /// the batch statistics, at no extra launch). `None` leaves them alone: the returned
+    /// [`BatchStats`] can update them later. Eval mode never touches them.
+    pub update: Option<RunningUpdate<'a>>,
+}
+
+/// How a train-mode forward updates BatchNorm's running statistics in place:
+/// `running_mean ← (1 − factor)·running_mean + factor·mean` and
+/// `running_var ← (1 − factor)·running_var + factor·var·batch/(batch − 1)`, as
+/// [`BatchStats::update_running`] does. The running buffers must be contiguous and must not
+/// share storage with each other, with `num_batches_tracked`, or with the input or weight.
+#[derive(Clone, Copy, Debug)]
+pub struct RunningUpdate<'a> {
+    /// The batch statistics' weight, in `[0, 1]`: BatchNorm's momentum, or
+    /// `1/(num_batches_tracked + 1)` for its cumulative moving average.
+    pub factor: f64,
+    /// `bn.num_batches_tracked`, an int64 scalar incremented by one with the update, if given.
+    pub num_batches_tracked: Option<&'a Tensor>,
 }
 
 /// The batch statistics of a train-mode forward, each `(out,)`, in f32 (f64 for f64 inputs).
@@ -83,19 +104,19 @@ impl BatchStats {
             }
         }
         for (_, running, statistic, weight) in updates {
-            running.inplace_op2(statistic, &RunningUpdate { factor, weight })?;
+            running.inplace_op2(statistic, &RunningBlend { factor, weight })?;
         }
         Ok(())
     }
 }
 
 /// `running = (1 − factor)·running + factor·weight·batch`, in place on the running buffer.
-struct RunningUpdate {
+struct RunningBlend {
     factor: f64,
     weight: f64,
 }
 
-impl RunningUpdate {
+impl RunningBlend {
     fn blend<T: num_traits::Float>(&self, running: &mut [T], batch: &[f64]) {
         for (r, &b) in running.iter_mut().zip(batch) {
             let value = (1.0 - self.factor) * r.to_f64().unwrap_or(f64::NAN)
@@ -103,9 +124,25 @@ impl RunningUpdate {
             *r = T::from(value).unwrap_or(T::nan());
         }
     }
+
+    /// The blend on the CPU, in f64, into `batch.len()` elements of `running` from `start`.
+    fn blend_storage(&self, running: &mut CpuStorage, start: usize, batch: &[f64]) -> Result<()> {
+        let range = start..start + batch.len();
+        match running {
+            CpuStorage::F32(v) => self.blend(&mut v[range], batch),
+            CpuStorage::F64(v) => self.blend(&mut v[range], batch),
+            CpuStorage::F16(v) => self.blend(&mut v[range], batch),
+            CpuStorage::BF16(v) => self.blend(&mut v[range], batch),
+            other => candle_core::bail!(
+                "batch-norm running update: unsupported running-buffer dtype {:?}",
+                other.dtype()
+            ),
+        }
+        Ok(())
+    }
 }
 
-impl InplaceOp2 for RunningUpdate {
+impl InplaceOp2 for RunningBlend {
     fn name(&self) -> &'static str {
         "batch-norm-running-update"
     }
@@ -127,18 +164,15 @@ impl InplaceOp2 for RunningUpdate {
         let Some((start, end)) = running_l.contiguous_offsets() else {
             candle_core::bail!("{}: the running buffer is not contiguous", self.name())
         };
-        match running {
-            CpuStorage::F32(v) => self.blend(&mut v[start..end], &batch),
-            CpuStorage::F64(v) => self.blend(&mut v[start..end], &batch),
-            CpuStorage::F16(v) => self.blend(&mut v[start..end], &batch),
-            CpuStorage::BF16(v) => self.blend(&mut v[start..end], &batch),
-            other => candle_core::bail!(
-                "{}: unsupported running-buffer dtype {:?}",
+        if end - start != batch.len() {
+            candle_core::bail!(
+                "{}: {} running values for {} batch statistics",
                 self.name(),
-                other.dtype()
-            ),
+                end - start,
+                batch.len()
+            );
         }
-        Ok(())
+        self.blend_storage(running, start, &batch)
     }
 
     #[cfg(feature = "cuda")]
@@ -159,6 +193,219 @@ impl InplaceOp2 for RunningUpdate {
     }
 }
 
+/// The running statistics that a train-mode forward updates in place ([`RunningUpdate`]).
+struct RunningBuffers {
+    mean: Tensor,
+    var: Tensor,
+    num_batches_tracked: Option<Tensor>,
+    factor: f64,
+}
+
+impl RunningBuffers {
+    /// Checks `update` against the call's operands: the buffers are written while the op
+    /// holds `x` and `weight`, so none may share storage with another or with those.
+    fn new(
+        op: &str,
+        bn: &BatchNormParams,
+        update: RunningUpdate,
+        (x, weight): (&Tensor, &Tensor),
+    ) -> Result<Self> {
+        let factor = update.factor;
+        if !(0.0..=1.0).contains(&factor) {
+            candle_core::bail!("{op}: the running-update factor must be in [0, 1], got {factor}");
+        }
+        for (name, t) in [
+            ("bn.running_mean", bn.running_mean),
+            ("bn.running_var", bn.running_var),
+        ] {
+            if !t.is_contiguous() {
+                candle_core::bail!("{op}: {name} must be contiguous to be updated in place");
+            }
+        }
+        let mut written = vec![
+            ("bn.running_mean", bn.running_mean),
+            ("bn.running_var", bn.running_var),
+        ];
+        if let Some(count) = update.num_batches_tracked {
+            if count.dtype() != DType::I64 || count.elem_count() != 1 {
+                candle_core::bail!(
+                    "{op}: num_batches_tracked must be one int64, got {:?} of shape {:?}",
+                    count.dtype(),
+                    count.dims()
+                );
+            }
+            if !count.device().same_device(x.device()) {
+                candle_core::bail!("{op}: num_batches_tracked is on another device than the input");
+            }
+            written.push(("num_batches_tracked", count));
+        }
+        let held = [("the input", x), ("the weight", weight)];
+        for (i, (name, t)) in written.iter().enumerate() {
+            let others = written[..i].iter().chain(&held);
+            if let Some((other, _)) = others.into_iter().find(|(_, o)| same_storage(t, o)) {
+                candle_core::bail!("{op}: {name} shares its storage with {other}");
+            }
+        }
+        Ok(Self {
+            mean: bn.running_mean.clone(),
+            var: bn.running_var.clone(),
+            num_batches_tracked: update.num_batches_tracked.cloned(),
+            factor,
+        })
+    }
+
+    /// Runs `f` with write access to the buffers' storages, each locked as Candle's in-place
+    /// ops lock it.
+    fn access<R>(&self, f: impl FnOnce(RunningAccess) -> Result<R>) -> Result<R> {
+        with_storage_mut(&self.mean, |mean, mean_l| {
+            let mean = (mean, mean_l.start_offset());
+            with_storage_mut(&self.var, |var, var_l| {
+                let var = (var, var_l.start_offset());
+                let factor = self.factor;
+                match &self.num_batches_tracked {
+                    None => f(RunningAccess {
+                        mean,
+                        var,
+                        num_batches_tracked: None,
+                        factor,
+                    }),
+                    Some(count) => with_storage_mut(count, |count, count_l| {
+                        f(RunningAccess {
+                            mean,
+                            var,
+                            num_batches_tracked: Some((count, count_l.start_offset())),
+                            factor,
+                        })
+                    }),
+                }
+            })
+        })
+    }
+}
+
+/// Whether two tensors share one storage (views, clones and detached copies of a tensor do).
+fn same_storage(a: &Tensor, b: &Tensor) -> bool {
+    let id = |t: &Tensor| &*t.storage_and_layout().0 as *const Storage;
+    std::ptr::eq(id(a), id(b))
+}
+
+/// A storage open for writing, with the offset of the tensor's first element.
+type WritableAt<'s> = (StorageMut<'s>, usize);
+
+/// The running buffers, open for writing during a forward.
+struct RunningAccess<'s> {
+    mean: WritableAt<'s>,
+    var: WritableAt<'s>,
+    num_batches_tracked: Option<WritableAt<'s>>,
+    factor: f64,
+}
+
+impl<'s> RunningAccess<'s> {
+    /// PyTorch's update on the CPU from the batch's mean and biased variance over `batch` rows.
+    fn update_cpu(self, mean: &[f64], var: &[f64], batch: usize) -> Result<()> {
+        let n = batch as f64;
+        let factor = self.factor;
+        for ((storage, start), statistic, weight) in
+            [(self.mean, mean, 1.0), (self.var, var, n / (n - 1.0))]
+        {
+            RunningBlend { factor, weight }.blend_storage(storage.cpu()?, start, statistic)?;
+        }
+        match self.num_batches_tracked {
+            None => Ok(()),
+            Some((StorageMut::Cpu(CpuStorage::I64(count)), start)) => {
+                count[start] += 1;
+                Ok(())
+            }
+            Some(_) => candle_core::bail!("num_batches_tracked must be an int64 on the CPU"),
+        }
+    }
+
+    /// The buffers as the GPU forward takes them.
+    #[cfg(feature = "cuda")]
+    fn cuda_targets(self) -> Result<crate::cuda::RunningTargets<'s>> {
+        fn on_gpu(
+            (storage, start): WritableAt<'_>,
+        ) -> Result<(&mut candle_core::CudaStorage, usize)> {
+            match storage {
+                StorageMut::Cuda(storage) => Ok((storage, start)),
+                StorageMut::Cpu(_) => {
+                    candle_core::bail!("batch-norm running update: a running buffer is on the CPU")
+                }
+            }
+        }
+        Ok(crate::cuda::RunningTargets {
+            mean: on_gpu(self.mean)?,
+            var: on_gpu(self.var)?,
+            num_batches_tracked: self.num_batches_tracked.map(on_gpu).transpose()?,
+            factor: self.factor,
+        })
+    }
+}
+
+/// A tensor's storage, borrowed for writing.
+enum StorageMut<'s> {
+    Cpu(&'s mut CpuStorage),
+    #[cfg(feature = "cuda")]
+    Cuda(&'s mut candle_core::CudaStorage),
+}
+
+impl<'s> StorageMut<'s> {
+    fn cpu(self) -> Result<&'s mut CpuStorage> {
+        match self {
+            StorageMut::Cpu(storage) => Ok(storage),
+            #[cfg(feature = "cuda")]
+            StorageMut::Cuda(_) => {
+                candle_core::bail!("batch-norm running update: a running buffer is on the GPU")
+            }
+        }
+    }
+}
+
+/// Runs `f` with write access to `t`'s storage and its layout, under the lock that Candle's
+/// in-place ops take (no other op reads or writes the storage meanwhile).
+fn with_storage_mut<R>(t: &Tensor, f: impl FnOnce(StorageMut, &Layout) -> Result<R>) -> Result<R> {
+    let access = StorageAccess {
+        f: Cell::new(Some(f)),
+        out: Cell::new(None),
+    };
+    t.inplace_op1(&access)?;
+    match access.out.into_inner() {
+        Some(out) => Ok(out),
+        None => candle_core::bail!("fused storage access: the in-place op did not run"),
+    }
+}
+
+/// [`with_storage_mut`]'s in-place op: it only hands the storage to the closure.
+struct StorageAccess<F, R> {
+    f: Cell<Option<F>>,
+    out: Cell<Option<R>>,
+}
+
+impl<F: FnOnce(StorageMut, &Layout) -> Result<R>, R> StorageAccess<F, R> {
+    fn run(&self, storage: StorageMut, layout: &Layout) -> Result<()> {
+        let Some(f) = self.f.take() else {
+            candle_core::bail!("fused storage access: ran twice")
+        };
+        self.out.set(Some(f(storage, layout)?));
+        Ok(())
+    }
+}
+
+impl<F: FnOnce(StorageMut, &Layout) -> Result<R>, R> InplaceOp1 for StorageAccess<F, R> {
+    fn name(&self) -> &'static str {
+        "fused-storage-access"
+    }
+
+    fn cpu_fwd(&self, storage: &mut CpuStorage, layout: &Layout) -> Result<()> {
+        self.run(StorageMut::Cpu(storage), layout)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, storage: &mut candle_core::CudaStorage, layout: &Layout) -> Result<()> {
+        self.run(StorageMut::Cuda(storage), layout)
+    }
+}
+
 struct LinearBatchNormOp {
     epilogue: Epilogue,
     rows: ParamRows,
@@ -167,12 +414,15 @@ struct LinearBatchNormOp {
     precision: Precision,
     /// Whether the forward keeps the pre-activation (some input tracks gradients).
     keep_preactivation: bool,
+    /// Train mode: the running statistics to update in place, if asked.
+    running: Option<RunningBuffers>,
     saved: Arc<Saved>,
 }
 
 /// `y = BatchNorm1d(epilogue(x·Wᵀ + b))`, fused, in train mode (`train = true`: normalised by
-/// the batch statistics, which are returned so that the caller can update its running
-/// statistics) or eval mode (normalised by `bn.running_mean` and `bn.running_var`).
+/// the batch statistics, which are returned, and with `bn.update` given, folded into the
+/// running statistics in place) or eval mode (normalised by `bn.running_mean` and
+/// `bn.running_var`).
 ///
 /// The operands are those of [`fused_linear`](crate::fused_linear) plus `bn`. Train mode needs
 /// a batch of at least two rows, as in PyTorch. Gradients flow to `x`, `weight`, `bias`, `scale`
@@ -272,6 +522,10 @@ impl BatchNormCall {
         }
         let params = param_table(bias.as_ref(), &rows.iter().collect::<Vec<_>>(), &weight)?;
         let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        let running = match (train, bn.update) {
+            (true, Some(update)) => Some(RunningBuffers::new(OP, bn, update, (&x, &weight))?),
+            _ => None,
+        };
         let saved = Arc::new(Saved::default());
         let table = ParamRows::batch_norm(&epilogue, train);
         let op = LinearBatchNormOp {
@@ -281,6 +535,7 @@ impl BatchNormCall {
             train,
             precision,
             keep_preactivation: graph.keeps_for_backward(&[&x, &weight, &params]),
+            running,
             saved: saved.clone(),
         };
         Ok(Self {
@@ -314,6 +569,7 @@ impl LinearBatchNormOp {
         (x, w, p): (&[A], &[A], &[A]),
         (m, n, k): (usize, usize, usize),
         dtype: DType,
+        running: Option<RunningAccess>,
     ) -> Result<CpuStorage> {
         let row = |r: usize| &p[r * n..(r + 1) * n];
         let (mut y, z) = cpu::linear_epilogue(
@@ -330,6 +586,9 @@ impl LinearBatchNormOp {
                 (to_f64(row(r)), to_f64(row(r + 1)))
             }
         };
+        if let Some(running) = running {
+            running.update_cpu(&mean, &var, m)?;
+        }
         let gamma = self.rows.batch_norm_gamma("fused_linear_batch_norm")?;
         cpu::normalize(&mut y, &mean, &var, row(gamma), row(gamma + 1), self.eps);
         if let Some(z) = z {
@@ -386,7 +645,7 @@ impl CustomOp3 for LinearBatchNormOp {
         let (m, k) = x_l.shape().dims2()?;
         let n = w_l.dims()[0];
         let dims = (m, n, k);
-        let y = match x.dtype() {
+        let forward = |running: Option<RunningAccess>| match x.dtype() {
             DType::F64 => self.cpu_forward(
                 (
                     &f64::slice(x, x_l)?,
@@ -395,7 +654,8 @@ impl CustomOp3 for LinearBatchNormOp {
                 ),
                 dims,
                 x.dtype(),
-            )?,
+                running,
+            ),
             dtype => self.cpu_forward(
                 (
                     &f32::slice(x, x_l)?,
@@ -404,7 +664,12 @@ impl CustomOp3 for LinearBatchNormOp {
                 ),
                 dims,
                 dtype,
-            )?,
+                running,
+            ),
+        };
+        let y = match &self.running {
+            Some(buffers) => buffers.access(|running| forward(Some(running)))?,
+            None => forward(None)?,
         };
         Ok((y, Shape::from((m, n))))
     }
@@ -431,12 +696,20 @@ impl CustomOp3 for LinearBatchNormOp {
             epilogue: self.epilogue,
             precision: self.precision,
         };
-        let (y, z, stats) = crate::cuda::linear_batch_norm_forward(
-            &problem,
-            self.eps,
-            self.train,
-            self.keep_preactivation,
-        )?;
+        let forward = |running: Option<RunningAccess>| {
+            let targets = running.map(RunningAccess::cuda_targets).transpose()?;
+            crate::cuda::linear_batch_norm_forward(
+                &problem,
+                self.eps,
+                self.train,
+                self.keep_preactivation,
+                targets,
+            )
+        };
+        let (y, z, stats) = match &self.running {
+            Some(buffers) => buffers.access(|running| forward(Some(running)))?,
+            None => forward(None)?,
+        };
         if let Some(z) = z {
             self.saved.keep_preactivation(Storage::Cuda(z), (m, n))?;
         }

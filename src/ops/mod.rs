@@ -39,6 +39,7 @@ mod trace;
 
 pub use batch_norm::{
     fused_linear_batch_norm, fused_linear_batch_norm_traced, BatchNormParams, BatchStats,
+    RunningUpdate,
 };
 pub use linear::{fused_linear, fused_linear_traced};
 pub use trace::Trace;
