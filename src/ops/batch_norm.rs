@@ -20,9 +20,10 @@ pub struct BatchNormParams<'a> {
     pub weight: &'a Tensor,
     /// beta (`bn.bias`).
     pub bias: &'a Tensor,
-    /// `bn.running_mean`: used in eval mode; never receives a gradient.
+    /// `bn.running_mean`: read in eval mode, written in train mode when `update` is given;
+    /// never receives a gradient.
     pub running_mean: &'a Tensor,
-    /// `bn.running_var`: used in eval mode; never receives a gradient.
+    /// `bn.running_var`: as `running_mean`.
     pub running_var: &'a Tensor,
     /// Added to the variance before the square root.
     pub eps: f64,
