@@ -80,10 +80,9 @@ impl BatchStats {
                 "{OP}: the unbiased variance needs a batch of at least 2, got {batch}"
             );
         }
-        let n = batch as f64;
         let updates = [
             ("running_mean", running_mean, &self.mean, 1.0),
-            ("running_var", running_var, &self.var, n / (n - 1.0)),
+            ("running_var", running_var, &self.var, unbiasing(batch)),
         ];
         // Every check before any write: a rejected call leaves both buffers as they were.
         for (name, running, statistic, _) in updates {
@@ -109,6 +108,13 @@ impl BatchStats {
         }
         Ok(())
     }
+}
+
+/// `batch/(batch − 1)`: the weight that turns a batch's biased variance into the unbiased one
+/// that PyTorch blends into the running variance.
+fn unbiasing(batch: usize) -> f64 {
+    let n = batch as f64;
+    n / (n - 1.0)
 }
 
 /// `running = (1 − factor)·running + factor·weight·batch`, in place on the running buffer.
@@ -304,10 +310,9 @@ struct RunningAccess<'s> {
 impl<'s> RunningAccess<'s> {
     /// PyTorch's update on the CPU from the batch's mean and biased variance over `batch` rows.
     fn update_cpu(self, mean: &[f64], var: &[f64], batch: usize) -> Result<()> {
-        let n = batch as f64;
         let factor = self.factor;
         for ((storage, start), statistic, weight) in
-            [(self.mean, mean, 1.0), (self.var, var, n / (n - 1.0))]
+            [(self.mean, mean, 1.0), (self.var, var, unbiasing(batch))]
         {
             RunningBlend { factor, weight }.blend_storage(storage.cpu()?, start, statistic)?;
         }
@@ -565,6 +570,14 @@ impl Saved {
 }
 
 impl LinearBatchNormOp {
+    /// Runs the forward `f` with the running buffers open for writing, when it updates them.
+    fn with_running<R>(&self, f: impl FnOnce(Option<RunningAccess>) -> Result<R>) -> Result<R> {
+        match &self.running {
+            Some(buffers) => buffers.access(|running| f(Some(running))),
+            None => f(None),
+        }
+    }
+
     fn cpu_forward<A: Accum>(
         &self,
         (x, w, p): (&[A], &[A], &[A]),
@@ -668,10 +681,7 @@ impl CustomOp3 for LinearBatchNormOp {
                 running,
             ),
         };
-        let y = match &self.running {
-            Some(buffers) => buffers.access(|running| forward(Some(running)))?,
-            None => forward(None)?,
-        };
+        let y = self.with_running(forward)?;
         Ok((y, Shape::from((m, n))))
     }
 
@@ -707,10 +717,7 @@ impl CustomOp3 for LinearBatchNormOp {
                 targets,
             )
         };
-        let (y, z, stats) = match &self.running {
-            Some(buffers) => buffers.access(|running| forward(Some(running)))?,
-            None => forward(None)?,
-        };
+        let (y, z, stats) = self.with_running(forward)?;
         if let Some(z) = z {
             self.saved.keep_preactivation(Storage::Cuda(z), (m, n))?;
         }
