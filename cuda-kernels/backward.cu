@@ -26,7 +26,7 @@
 
 namespace fused {
 
-constexpr int BWD_COLS = 32, BWD_ROWS = 8, BWD_TARGET_BLOCKS = 1024;
+constexpr int BWD_COLS = 32, BWD_ROWS = 8, BWD_UNROLL = 4, BWD_TARGET_BLOCKS = 1024;
 
 // A thread owns a 4-byte pack of neighbouring columns (one column where n or the pointers do
 // not allow packs) and keeps several rows' loads in flight. Small packs keep the per-column
@@ -72,6 +72,25 @@ __device__ __forceinline__ void write_column_partials(const double (&v)[NSUM][V]
   }
 }
 
+// Loads the packs at column c0 of g and of z (when not null) for rows r0, r0 + BWD_ROWS, ...
+// below r_end, U of them at most, and returns how many. Every load is issued before any value
+// is used: the rows are independent, and the compiler does not move loads above dz's stores.
+template <class T, int V, int U>
+__device__ __forceinline__ int load_rows(const T* __restrict__ g, const T* __restrict__ z, int64_t r0,
+                                         int64_t r_end, int64_t n, int64_t c0, float (&gv)[U][V], float (&zv)[U][V]) {
+  int rows = 0;
+#pragma unroll
+  for (int j = 0; j < U; ++j) {
+    const int64_t r = r0 + j * BWD_ROWS;
+    if (r < r_end) {
+      load_pack<T, V>(g + r * n + c0, gv[j]);
+      if (z != nullptr) load_pack<T, V>(z + r * n + c0, zv[j]);
+      rows = j + 1;
+    }
+  }
+  return rows;
+}
+
 // Per-column constants of the backward.
 struct ColumnBackward {
   float scale;
@@ -92,9 +111,9 @@ __device__ __forceinline__ ColumnBackward load_column_backward(const FusedBackwa
 }
 
 // Sweep 1 of the BatchNorm backward: partial Σ g·x̂ and Σ g per column (rows d_gamma, d_beta).
-template <class T, int V>
+template <class T, int V, class Epilogue>
 __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
-    batch_norm_sums_kernel(const FusedBackwardArgs a, int64_t chunk_rows, double* partials) {
+    batch_norm_sums_kernel(const FusedBackwardArgs a, const Epilogue epi, int64_t chunk_rows, double* partials) {
   const int64_t m = a.m, n = a.n;
   const int64_t c0 = (int64_t(blockIdx.x) * BWD_COLS + threadIdx.x) * V;
   const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
@@ -106,20 +125,18 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
 #pragma unroll
     for (int i = 0; i < V; ++i) col[i] = load_column_backward<T>(a, c0 + i);
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
-    dispatch_epilogue(a.activation, a.residual != 0, [&](auto epi) {
-#pragma unroll 4
-      for (int64_t r = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r < r_end; r += BWD_ROWS) {
-        float gv[V], zv[V];
-        load_pack<T, V>(g + r * n + c0, gv);
-        load_pack<T, V>(z + r * n + c0, zv);
+#pragma unroll BWD_UNROLL
+    for (int64_t r = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r < r_end; r += BWD_ROWS) {
+      float gv[V], zv[V];
+      load_pack<T, V>(g + r * n + c0, gv);
+      load_pack<T, V>(z + r * n + c0, zv);
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          const double u = epi.apply(zv[i], col[i].scale);
-          v[0][i] += double(gv[i]) * (u - col[i].mean) * col[i].invstd;
-          v[1][i] += gv[i];
-        }
+      for (int i = 0; i < V; ++i) {
+        const double u = epi.apply(zv[i], col[i].scale);
+        v[0][i] += double(gv[i]) * (u - col[i].mean) * col[i].invstd;
+        v[1][i] += gv[i];
       }
-    });
+    }
   }
   write_column_partials<2, V>(v, 2, partials, n, c0, inside);
 }
@@ -132,12 +149,16 @@ struct BatchNormGrad {
 // The epilogue backward, from g (no BatchNorm) or from the du of the BatchNorm: writes dz and
 // partial Σ dz, Σ du·act(z) per column. Without a BatchNorm nothing cancels, so the per-element
 // gradient is computed in f32 (as the stored dz is) and only the sums are carried in double:
-// that instantiation keeps fewer registers, hence more rows in flight, than the BatchNorm one.
-template <class T, int V, bool BatchNorm>
+// that instantiation keeps fewer registers, and it loads BWD_UNROLL rows before using any.
+// The BatchNorm instantiation, whose per-element arithmetic is double, measured slower that
+// way on an H200 (its whole backward 56 → 64 µs in bf16): it takes one row per step and leaves
+// the unrolling to the compiler.
+template <class T, int V, bool BatchNorm, class Epilogue>
 __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
-    epilogue_backward_kernel(const FusedBackwardArgs a, int64_t chunk_rows, double* partials,
+    epilogue_backward_kernel(const FusedBackwardArgs a, const Epilogue epi, int64_t chunk_rows, double* partials,
                              const double* bn_sums) {
   using Real = std::conditional_t<BatchNorm, double, float>;  // the per-element arithmetic
+  constexpr int U = BatchNorm ? 1 : BWD_UNROLL;                // rows loaded before any is used
   const int64_t m = a.m, n = a.n;
   const int64_t c0 = (int64_t(blockIdx.x) * BWD_COLS + threadIdx.x) * V;
   const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
@@ -168,32 +189,33 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
       constant_grad[i] = col[i].scale + (a.residual ? 1.f : 0.f);
     }
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
-    dispatch_epilogue(a.activation, a.residual != 0, [&](auto epi) {
-#pragma unroll 4
-      for (int64_t r = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r < r_end; r += BWD_ROWS) {
-        const int64_t at = r * n + c0;
-        float gv[V], zv[V], out[V];
-        load_pack<T, V>(g + at, gv);
-        if (z != nullptr) load_pack<T, V>(z + at, zv);
+#pragma unroll(BatchNorm ? BWD_UNROLL : 1)
+    for (int64_t r0 = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r0 < r_end; r0 += BWD_ROWS * U) {
+      float gv[U][V], zv[U][V];
+      const int rows = load_rows<T, V, U>(g, z, r0, r_end, n, c0, gv, zv);
+#pragma unroll
+      for (int j = 0; j < U; ++j) {
+        if (j >= rows) break;
+        float out[V];
 #pragma unroll
         for (int i = 0; i < V; ++i) {
-          Real du = gv[i];
+          Real du = gv[j][i];
           if constexpr (BatchNorm) {
-            du = bn[i].k * du + bn[i].du_u * double(epi.apply(zv[i], col[i].scale)) + bn[i].du_1;
+            du = bn[i].k * du + bn[i].du_u * double(epi.apply(zv[j][i], col[i].scale)) + bn[i].du_1;
           }
           Real d;
           if (!BatchNorm && z == nullptr) {  // a BatchNorm always comes with z
             d = du * Real(constant_grad[i]);
           } else {
-            d = du * Real(epi.grad(zv[i], col[i].scale));
-            if (a.has_scale) v[1][i] += double(du * Real(epi.act(zv[i])));
+            d = du * Real(epi.grad(zv[j][i], col[i].scale));
+            if (a.has_scale) v[1][i] += double(du * Real(epi.act(zv[j][i])));
           }
           out[i] = float(d);
           v[0][i] += double(d);
         }
-        store_pack<T, V>(dz + at, out);
+        store_pack<T, V>(dz + (r0 + j * BWD_ROWS) * n + c0, out);
       }
-    });
+    }
   }
   write_column_partials<2, V>(v, 1 + a.has_scale, partials, n, c0, inside);
 }
@@ -225,19 +247,22 @@ cudaError_t launch_backward(const FusedBackwardArgs& a, cudaStream_t stream) {
   const dim3 block(BWD_COLS, BWD_ROWS);
   const unsigned reduce_blocks = unsigned(ceil_div(a.n, 256));
   const int64_t gamma_row = 1 + a.has_scale;
-  if (a.batch_norm != FUSED_BN_NONE) {
-    batch_norm_sums_kernel<T, V><<<grid, block, 0, stream>>>(a, chunk_rows, partials);
-    FUSED_TRY(cudaGetLastError());
-    reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 2, a.n,
-                                                                 dparams + gamma_row * a.n, bn_sums);
-    FUSED_TRY(cudaGetLastError());
-  }
-  if (a.batch_norm == FUSED_BN_NONE) {
-    epilogue_backward_kernel<T, V, false><<<grid, block, 0, stream>>>(a, chunk_rows, partials, bn_sums);
-  } else {
-    epilogue_backward_kernel<T, V, true><<<grid, block, 0, stream>>>(a, chunk_rows, partials, bn_sums);
-  }
-  FUSED_TRY(cudaGetLastError());
+  // One instantiation per activation: a kernel that could run any of them would hold the
+  // registers of the largest (the erf GELU) whatever it runs, and these kernels need occupancy.
+  FUSED_TRY(dispatch_epilogue(a.activation, a.residual != 0, [&](auto epi) {
+    using Epilogue = decltype(epi);
+    if (a.batch_norm != FUSED_BN_NONE) {
+      batch_norm_sums_kernel<T, V, Epilogue><<<grid, block, 0, stream>>>(a, epi, chunk_rows, partials);
+      FUSED_TRY(cudaGetLastError());
+      reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 2, a.n,
+                                                                   dparams + gamma_row * a.n, bn_sums);
+      FUSED_TRY(cudaGetLastError());
+      epilogue_backward_kernel<T, V, true, Epilogue><<<grid, block, 0, stream>>>(a, epi, chunk_rows, partials, bn_sums);
+    } else {
+      epilogue_backward_kernel<T, V, false, Epilogue><<<grid, block, 0, stream>>>(a, epi, chunk_rows, partials, bn_sums);
+    }
+    return cudaGetLastError();
+  }));
   reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 1 + a.has_scale, a.n, dparams,
                                                                nullptr);
   FUSED_TRY(cudaGetLastError());
