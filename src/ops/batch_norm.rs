@@ -72,9 +72,7 @@ impl BatchStats {
         batch: usize,
     ) -> Result<()> {
         const OP: &str = "BatchStats::update_running";
-        if !(0.0..=1.0).contains(&factor) {
-            candle_core::bail!("{OP}: factor must be in [0, 1], got {factor}");
-        }
+        check_factor(OP, factor)?;
         if batch < 2 {
             candle_core::bail!(
                 "{OP}: the unbiased variance needs a batch of at least 2, got {batch}"
@@ -108,6 +106,14 @@ impl BatchStats {
         }
         Ok(())
     }
+}
+
+/// Errors unless `factor`, the batch statistics' weight in a running update, is in `[0, 1]`.
+fn check_factor(op: &str, factor: f64) -> Result<()> {
+    if !(0.0..=1.0).contains(&factor) {
+        candle_core::bail!("{op}: the running-update factor must be in [0, 1], got {factor}");
+    }
+    Ok(())
 }
 
 /// `batch/(batch − 1)`: the weight that turns a batch's biased variance into the unbiased one
@@ -218,21 +224,16 @@ impl RunningBuffers {
         (x, weight): (&Tensor, &Tensor),
     ) -> Result<Self> {
         let factor = update.factor;
-        if !(0.0..=1.0).contains(&factor) {
-            candle_core::bail!("{op}: the running-update factor must be in [0, 1], got {factor}");
-        }
-        for (name, t) in [
-            ("bn.running_mean", bn.running_mean),
-            ("bn.running_var", bn.running_var),
-        ] {
-            if !t.is_contiguous() {
-                candle_core::bail!("{op}: {name} must be contiguous to be updated in place");
-            }
-        }
+        check_factor(op, factor)?;
         let mut written = vec![
             ("bn.running_mean", bn.running_mean),
             ("bn.running_var", bn.running_var),
         ];
+        for (name, t) in &written {
+            if !t.is_contiguous() {
+                candle_core::bail!("{op}: {name} must be contiguous to be updated in place");
+            }
+        }
         if let Some(count) = update.num_batches_tracked {
             if count.dtype() != DType::I64 || count.elem_count() != 1 {
                 candle_core::bail!(
