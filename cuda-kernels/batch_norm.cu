@@ -79,10 +79,9 @@ __global__ void __launch_bounds__(MERGE_COLS* MERGE_GROUPS) batch_norm_merge_ker
     blend_running(static_cast<T*>(a.running_var), c, var, a.running_factor, float(m) / float(m - 1));
     if (c == 0 && a.num_batches_tracked != nullptr) *a.num_batches_tracked += 1;
   }
-  const T* p = static_cast<const T*>(a.params);
   const int64_t gamma_row = 1 + a.has_scale;
   const BatchNormFold fold =
-      batch_norm_fold(all.mean, var, to_float(p[gamma_row * n + c]), to_float(p[(gamma_row + 1) * n + c]), a.eps);
+      batch_norm_fold(all.mean, var, param<T>(a.params, gamma_row, c), param<T>(a.params, gamma_row + 1, c), a.eps);
   float* folds = a.workspace + 2 * tiles * n;
   folds[c] = fold.factor;
   folds[n + c] = fold.beta;

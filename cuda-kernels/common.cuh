@@ -116,6 +116,22 @@ cudaError_t allow_dynamic_smem(int bytes, int device) {
   return cudaSuccess;
 }
 
+// How many per-feature vectors a forward reads: none for a bare product (a bias is then
+// optional); else the bias, the scale if per feature, and BatchNorm's gamma and beta, followed in
+// eval mode by the running mean and variance.
+inline int32_t param_rows_needed(const FusedLinearArgs& a) {
+  if (a.has_scale == 0 && a.batch_norm == FUSED_BN_NONE) return 0;
+  const int32_t batch_norm = a.batch_norm == FUSED_BN_EVAL ? 4 : a.batch_norm == FUSED_BN_TRAIN ? 2 : 0;
+  return 1 + (a.has_scale != 0) + batch_norm;
+}
+
+// Element c of per-feature vector r of a forward (FusedParamRows' order: bias, [scale],
+// [gamma, beta, [running_mean, running_var]]), in f32.
+template <class T>
+__device__ __forceinline__ float param(const FusedParamRows& rows, int64_t r, int64_t c) {
+  return to_float(static_cast<const T*>(rows.row[r])[c]);
+}
+
 // Calls `f(T{})` with the element type named by a FusedDType.
 template <class F>
 cudaError_t with_dtype(int32_t dtype, F f) {

@@ -1,9 +1,11 @@
 // The C interface of the fused linear kernels, mirrored by `src/cuda/ffi.rs`.
 //
 // Every operand is contiguous and row-major; x is (m, k), w is (n, k) (the PyTorch Linear
-// layout), params is (rows, n) with the rows bias, [scale], [gamma, beta, [running_mean,
-// running_var]], or NULL for a product without bias, scale or BatchNorm (y = act(x·wᵀ) * scale). All launches go on the caller's stream; every entry point returns the first
-// CUDA error it meets (cudaSuccess otherwise) and never synchronises.
+// layout). The per-feature vectors are, in order, bias, [scale], [gamma, beta, [running_mean,
+// running_var]]: the forward takes each by its own pointer (none for a product without bias,
+// scale or BatchNorm: y = act(x·wᵀ) * scale), the backward as one (rows, n) table. All launches
+// go on the caller's stream; every entry point returns the first CUDA error it meets
+// (cudaSuccess otherwise) and never synchronises.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -19,11 +21,18 @@ enum FusedDType { FUSED_F32 = 0, FUSED_F16 = 1, FUSED_BF16 = 2 };
 // What follows the pointwise epilogue.
 enum FusedBatchNorm { FUSED_BN_NONE = 0, FUSED_BN_EVAL = 1, FUSED_BN_TRAIN = 2 };
 
+// The per-feature vectors, each n contiguous elements of the operands' type.
+#define FUSED_MAX_PARAM_ROWS 6
+typedef struct {
+  const void* row[FUSED_MAX_PARAM_ROWS];
+  int32_t count;  // rows in use, 0..FUSED_MAX_PARAM_ROWS
+} FusedParamRows;
+
 // y = epilogue(x·wᵀ + bias), optionally followed by a BatchNorm over the rows.
 typedef struct {
   const void* x;
   const void* w;
-  const void* params;
+  FusedParamRows params;
   void* y;           // (m, n)
   void* z;           // (m, n) pre-activation, or NULL to skip it
   float* workspace;  // BN train: fused_linear_workspace_floats() floats; NULL otherwise
@@ -57,7 +66,7 @@ cudaError_t fused_linear_forward(const FusedLinearArgs* args, cudaStream_t strea
 typedef struct {
   const void* g;       // (m, n) gradient of y
   const void* z;       // (m, n) pre-activation; NULL when the epilogue does not need it
-  const void* params;  // as in the forward
+  const void* params;  // (rows, n): the forward's vectors, stacked
   const float* stats;  // BN: (2, n) [mean, variance] used by the forward; NULL otherwise
   void* dz;            // (m, n)
   void* dparams;       // same rows as params; rows of running statistics are zeroed
@@ -84,14 +93,7 @@ cudaError_t fused_backward(const FusedBackwardArgs* args, cudaStream_t stream);
 cudaError_t batch_norm_update_running(void* running, const float* batch, int64_t n, int32_t dtype, float factor,
                                       float weight, cudaStream_t stream);
 
-// The per-feature vectors of a parameter table, each n contiguous elements of the same type.
-#define FUSED_MAX_PARAM_ROWS 6
-typedef struct {
-  const void* row[FUSED_MAX_PARAM_ROWS];
-  int32_t count;  // rows in use, 1..FUSED_MAX_PARAM_ROWS
-} FusedParamRows;
-
-// out (count, n) = the rows stacked, in one launch.
+// out (count, n) = the rows stacked, in one launch (count ≥ 1): the backward's table.
 cudaError_t fused_param_table(const FusedParamRows* rows, void* out, int64_t n, int32_t dtype, cudaStream_t stream);
 
 // out (cols, rows) = in (rows, cols)ᵀ, both contiguous, elements of type `dtype`.

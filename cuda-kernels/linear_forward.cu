@@ -303,14 +303,13 @@ struct ColumnEpilogue {
 template <class T>
 __device__ __forceinline__ ColumnEpilogue load_column(const FusedLinearArgs& a, int64_t c) {
   if (c >= a.n) return ColumnEpilogue{0.f, 0.f, no_batch_norm()};
-  const T* p = static_cast<const T*>(a.params);
-  const int64_t n = a.n;
-  ColumnEpilogue e{p != nullptr ? to_float(p[c]) : 0.f, a.has_scale ? to_float(p[n + c]) : a.scale,
+  const FusedParamRows& p = a.params;
+  ColumnEpilogue e{p.count > 0 ? param<T>(p, 0, c) : 0.f, a.has_scale ? param<T>(p, 1, c) : a.scale,
                    no_batch_norm()};
   if (a.batch_norm == FUSED_BN_EVAL) {
     const int64_t r = 1 + a.has_scale;  // gamma, beta, running_mean, running_var
-    e.bn = batch_norm_fold(to_float(p[(r + 2) * n + c]), to_float(p[(r + 3) * n + c]), to_float(p[r * n + c]),
-                           to_float(p[(r + 1) * n + c]), a.eps);
+    e.bn = batch_norm_fold(param<T>(p, r + 2, c), param<T>(p, r + 3, c), param<T>(p, r, c), param<T>(p, r + 1, c),
+                           a.eps);
   }
   return e;
 }
@@ -465,7 +464,6 @@ __global__ void __launch_bounds__(Tile<T>::THREADS) linear_forward_kernel(const 
 
   if (a.batch_norm == FUSED_BN_EVAL && blockIdx.x == 0 && warp_m == 0 && g == 0) {
     // The statistics output is the running statistics, in f32.
-    const T* p = static_cast<const T*>(a.params);
     const int64_t rm = 3 + a.has_scale;
 #pragma unroll
     for (int ni = 0; ni < C::NI; ++ni)
@@ -473,8 +471,8 @@ __global__ void __launch_bounds__(Tile<T>::THREADS) linear_forward_kernel(const 
       for (int j = 0; j < 2; ++j) {
         const int64_t c = col0 + wn_col + ni * 8 + 2 * t + j;
         if (c < n) {
-          a.stats[c] = to_float(p[rm * n + c]);
-          a.stats[n + c] = to_float(p[(rm + 1) * n + c]);
+          a.stats[c] = param<T>(a.params, rm, c);
+          a.stats[n + c] = param<T>(a.params, rm + 1, c);
         }
       }
   }
@@ -578,7 +576,12 @@ extern "C" cudaError_t fused_linear_forward(const FusedLinearArgs* a, cudaStream
     return cudaErrorInvalidValue;
   }
   if (a->batch_norm != FUSED_BN_NONE && a->stats == nullptr) return cudaErrorInvalidValue;
-  if (a->params == nullptr && (a->has_scale || a->batch_norm != FUSED_BN_NONE)) return cudaErrorInvalidValue;
+  if (a->params.count < fused::param_rows_needed(*a) || a->params.count > FUSED_MAX_PARAM_ROWS) {
+    return cudaErrorInvalidValue;
+  }
+  for (int32_t r = 0; r < a->params.count; ++r) {
+    if (a->params.row[r] == nullptr) return cudaErrorInvalidValue;
+  }
   if (a->batch_norm == FUSED_BN_TRAIN && a->workspace == nullptr) return cudaErrorInvalidValue;
   // Hopper first: the wgmma/TMA kernel takes the aligned problems.
   cudaError_t sm90_status;

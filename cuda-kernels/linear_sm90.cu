@@ -541,10 +541,9 @@ __global__ void batch_norm_eval_fold_kernel(const FusedLinearArgs a) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t n = a.n;
   if (c >= n) return;
-  const T* p = static_cast<const T*>(a.params);
   const int64_t r = 1 + a.has_scale;  // gamma, beta, running_mean, running_var
-  const float mean = to_float(p[(r + 2) * n + c]), var = to_float(p[(r + 3) * n + c]);
-  const BatchNormFold fold = batch_norm_fold(mean, var, to_float(p[r * n + c]), to_float(p[(r + 1) * n + c]), a.eps);
+  const float mean = param<T>(a.params, r + 2, c), var = param<T>(a.params, r + 3, c);
+  const BatchNormFold fold = batch_norm_fold(mean, var, param<T>(a.params, r, c), param<T>(a.params, r + 1, c), a.eps);
   a.workspace[c] = fold.factor;
   a.workspace[n + c] = fold.beta - fold.mean * fold.factor;
   a.stats[c] = mean;
@@ -625,7 +624,7 @@ bool takes_problem(const FusedLinearArgs& a) {
                      a.n <= INT32_MAX && a.k <= INT32_MAX;
   const bool aligned = aligned16(a.x) && aligned16(a.w) && aligned16(a.y) && aligned16(a.z);
   const bool epilogue = a.activation >= ACT_IDENTITY && a.activation <= ACT_TANH &&
-                        (a.params != nullptr || (a.has_scale == 0 && a.batch_norm == FUSED_BN_NONE));
+                        a.params.count >= param_rows_needed(a);
   const bool batch_norm = a.batch_norm == FUSED_BN_NONE ||
                           (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
                           (a.batch_norm == FUSED_BN_TRAIN && a.stats != nullptr && a.workspace != nullptr);
@@ -638,10 +637,9 @@ template <class T, class Config>
 bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
   using G = Gemm<typename Cutlass<T>::type, Config>;
   using E = typename G::Element;
-  const T* params = static_cast<const T*>(a.params);
   const bool eval = a.batch_norm == FUSED_BN_EVAL, train = a.batch_norm == FUSED_BN_TRAIN;
-  const typename G::Tree::Inputs in{reinterpret_cast<const E*>(params),
-                                    a.has_scale ? reinterpret_cast<const E*>(params + a.n) : nullptr,
+  const typename G::Tree::Inputs in{a.params.count > 0 ? static_cast<const E*>(a.params.row[0]) : nullptr,
+                                    a.has_scale ? static_cast<const E*>(a.params.row[1]) : nullptr,
                                     static_cast<E*>(a.z),
                                     eval ? a.workspace : nullptr,
                                     eval ? a.workspace + a.n : nullptr,

@@ -120,7 +120,8 @@ FusedLinearArgs problem(int64_t m, int64_t n, int64_t k, int activation, int res
   a.k = k;
   a.x = random_buffer<T>(m * k, 1, 1.f);
   a.w = random_buffer<T>(n * k, 2, 1.f / 128.f);
-  a.params = random_buffer<T>(n, 3, 0.1f);
+  a.params.row[0] = random_buffer<T>(n, 3, 0.1f);
+  a.params.count = 1;
   a.y = random_buffer<T>(m * n, 4, 0.f);
   a.dtype = sizeof(T) == 4 ? FUSED_F32 : FUSED_BF16;
   a.tf32 = 1;
@@ -133,7 +134,7 @@ FusedLinearArgs problem(int64_t m, int64_t n, int64_t k, int activation, int res
 void release(FusedLinearArgs& a) {
   cudaFree(const_cast<void*>(a.x));
   cudaFree(const_cast<void*>(a.w));
-  cudaFree(const_cast<void*>(a.params));
+  cudaFree(const_cast<void*>(a.params.row[0]));
   cudaFree(a.y);
 }
 
@@ -162,8 +163,8 @@ void sweep_wide(cublasHandle_t handle, const char* precision) {
 template <class T>
 void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   FusedLinearArgs a = problem<T>(32768, 32768, 128, ACT_IDENTITY, 0);
-  cudaFree(const_cast<void*>(a.params));
-  a.params = nullptr;
+  cudaFree(const_cast<void*>(a.params.row[0]));
+  a.params = FusedParamRows{};
   a.scale = 1.f;
   printf("%s weight gradient 32768x32768, k 128, no epilogue\n", precision);
   time_wide_configs<T>(handle, a, "ping-pong 128x128, cluster 2x1 (wide batch)");

@@ -99,6 +99,28 @@ fn operands(device: &Device, shapes: &[(&[usize], f32, f32)], dtype: DType) -> O
     Operands { gpu, cpu64 }
 }
 
+/// The operands of a fused linear + BatchNorm call of shape (m, k, n): x, weight, bias, scale,
+/// gamma, beta, running mean, running variance, then an output gradient.
+fn batch_norm_operands(
+    device: &Device,
+    (m, k, n): (usize, usize, usize),
+    dtype: DType,
+) -> Operands {
+    let bound = 1.0 / (k as f32).sqrt();
+    let shapes: [(&[usize], f32, f32); 9] = [
+        (&[m, k], -1.0, 1.0),
+        (&[n, k], -bound, bound),
+        (&[n], -0.5, 0.5),
+        (&[n], 0.5, 1.5),
+        (&[n], 0.5, 1.5),
+        (&[n], -0.5, 0.5),
+        (&[n], -0.2, 0.2),
+        (&[n], 0.5, 2.0),
+        (&[m, n], -1.0, 1.0),
+    ];
+    operands(device, &shapes, dtype)
+}
+
 fn epilogues() -> Vec<Epilogue> {
     let mut all = Vec::new();
     for activation in Activation::ALL {
@@ -169,18 +191,7 @@ fn batch_norm_matches_cpu_on_odd_shapes() {
     let tall = [(2500, 24, 40), (2049, 13, 31)];
     for &(m, k, n) in SHAPES.iter().filter(|s| s.0 >= 2).chain(&tall) {
         for (dtype, precision, tol) in MODES {
-            let bound = 1.0 / (k as f32).sqrt();
-            let shapes: [(&[usize], f32, f32); 8] = [
-                (&[m, k], -1.0, 1.0),
-                (&[n, k], -bound, bound),
-                (&[n], -0.5, 0.5),
-                (&[n], 0.5, 1.5),
-                (&[n], 0.5, 1.5),
-                (&[n], -0.5, 0.5),
-                (&[n], -0.2, 0.2),
-                (&[n], 0.5, 2.0),
-            ];
-            let ops = operands(&device, &shapes, dtype);
+            let ops = batch_norm_operands(&device, (m, k, n), dtype);
             for train in [false, true] {
                 for epilogue in [Epilogue::per_feature_scale(), Epilogue::swish_scale(2.0)] {
                     let run = |t: &[Tensor]| {
@@ -255,24 +266,14 @@ fn train_forward_updates_running_statistics() {
     let Some(device) = gpu() else { return };
     for &(m, k, n) in SHAPES.iter().filter(|s| s.0 >= 2) {
         for (dtype, precision, tol) in MODES {
-            let bound = 1.0 / (k as f32).sqrt();
-            let shapes: [(&[usize], f32, f32); 7] = [
-                (&[m, k], -1.0, 1.0),
-                (&[n, k], -bound, bound),
-                (&[n], -0.5, 0.5),
-                (&[n], 0.5, 1.5),
-                (&[n], -0.5, 0.5),
-                (&[n], -0.2, 0.2),
-                (&[n], 0.5, 2.0),
-            ];
-            let ops = operands(&device, &shapes, dtype);
+            let ops = batch_norm_operands(&device, (m, k, n), dtype);
             let what = format!("{m}x{k}->{n} {dtype:?} {precision:?}");
             for t in [&ops.gpu, &ops.cpu64] {
-                let (mean, var) = (t[5].copy().unwrap(), t[6].copy().unwrap());
+                let (mean, var) = (t[6].copy().unwrap(), t[7].copy().unwrap());
                 let count = Tensor::new(3i64, t[0].device()).unwrap();
                 let bn = BatchNormParams {
-                    weight: &t[3],
-                    bias: &t[4],
+                    weight: &t[4],
+                    bias: &t[5],
                     running_mean: &mean,
                     running_var: &var,
                     eps: 1e-5,
@@ -305,8 +306,8 @@ fn train_forward_updates_running_statistics() {
                     (r + b.affine(0.1 * weight, 0.0).unwrap()).unwrap()
                 };
                 let unbiased = m as f64 / (m as f64 - 1.0);
-                let err_mean = max_rel_error(&mean, &blend(&t[5], &stats.mean, 1.0));
-                let err_var = max_rel_error(&var, &blend(&t[6], &stats.var, unbiased));
+                let err_mean = max_rel_error(&mean, &blend(&t[6], &stats.mean, 1.0));
+                let err_var = max_rel_error(&var, &blend(&t[7], &stats.var, unbiased));
                 let tol = if t[0].device().is_cpu() { 1e-12 } else { tol };
                 assert!(err_mean <= tol, "{what}: running mean error {err_mean:.2e}");
                 assert!(
@@ -315,6 +316,119 @@ fn train_forward_updates_running_statistics() {
                 );
                 assert_eq!(count.to_scalar::<i64>().unwrap(), 4, "{what}: batch count");
             }
+        }
+    }
+}
+
+/// Bitwise equality of two tensors' values.
+fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
+    let values = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f64>()
+            .unwrap()
+    };
+    assert_eq!(values(a), values(b), "{what}");
+}
+
+/// On the GPU the forward reads each per-feature vector where it lies instead of stacking them
+/// first. Vectors that are rows of one buffer (so at offsets into one storage) give the same
+/// bits as separate ones, forward and traced backward; a vector that shares its storage with a
+/// running buffer that the forward updates is stacked first, and gives the same bits too.
+#[test]
+fn per_feature_vectors_in_one_storage() {
+    let Some(device) = gpu() else { return };
+    // Off and on the Hopper path (k and n multiples of 8).
+    for (m, k, n) in [(29, 13, 31), (37, 24, 40)] {
+        for dtype in [DType::F32, DType::BF16] {
+            let t = batch_norm_operands(&device, (m, k, n), dtype).gpu;
+            let packed = Tensor::stack(&t[2..8], 0).unwrap();
+            let rows: Vec<Tensor> = (0..6).map(|r| packed.i(r).unwrap()).collect();
+            let epilogue = Epilogue::per_feature_scale();
+            let what = format!("{m}x{k}->{n} {dtype:?}");
+            for train in [false, true] {
+                let run = |v: &[Tensor]| {
+                    let bn = BatchNormParams {
+                        weight: &v[2],
+                        bias: &v[3],
+                        running_mean: &v[4],
+                        running_var: &v[5],
+                        eps: 1e-5,
+                        update: None,
+                    };
+                    let (y, _, trace) = fused_linear_batch_norm_traced(
+                        &t[0],
+                        &t[1],
+                        Some(&v[0]),
+                        Some(&v[1]),
+                        epilogue,
+                        &bn,
+                        train,
+                        Precision::Exact,
+                    )
+                    .unwrap();
+                    let grads = trace.backward(&t[8]).unwrap();
+                    let dparams: Vec<Tensor> = v[..4]
+                        .iter()
+                        .map(|p| grads.get(p).unwrap().clone())
+                        .collect();
+                    (y, dparams)
+                };
+                let (y, dparams) = run(&rows);
+                let (y_separate, dparams_separate) = run(&t[2..8]);
+                assert_same(&y, &y_separate, &format!("{what} train={train}: y"));
+                for (i, (a, b)) in dparams.iter().zip(&dparams_separate).enumerate() {
+                    assert_same(
+                        a,
+                        b,
+                        &format!("{what} train={train}: gradient of vector {i}"),
+                    );
+                }
+            }
+            // gamma and the running mean in one storage, updated by a train-mode forward.
+            let gamma_and_mean = Tensor::stack(&[&t[4], &t[6]], 0).unwrap();
+            let run = |gamma: &Tensor, mean: &Tensor| {
+                let var = t[7].copy().unwrap();
+                let bn = BatchNormParams {
+                    weight: gamma,
+                    bias: &t[5],
+                    running_mean: mean,
+                    running_var: &var,
+                    eps: 1e-5,
+                    update: Some(RunningUpdate {
+                        factor: 0.1,
+                        num_batches_tracked: None,
+                    }),
+                };
+                let (y, _) = fused_linear_batch_norm(
+                    &t[0],
+                    &t[1],
+                    Some(&t[2]),
+                    Some(&t[3]),
+                    epilogue,
+                    &bn,
+                    true,
+                    Precision::Exact,
+                )
+                .unwrap();
+                (y, var)
+            };
+            let mean_separate = t[6].copy().unwrap();
+            let (y_separate, var_separate) = run(&t[4], &mean_separate);
+            let (y, var) = run(&gamma_and_mean.i(0).unwrap(), &gamma_and_mean.i(1).unwrap());
+            assert_same(
+                &y,
+                &y_separate,
+                &format!("{what}: y, gamma beside the running mean"),
+            );
+            assert_same(
+                &gamma_and_mean.i(1).unwrap(),
+                &mean_separate,
+                &format!("{what}: running mean"),
+            );
+            assert_same(&var, &var_separate, &format!("{what}: running variance"));
         }
     }
 }
@@ -331,17 +445,7 @@ fn gradients_match_cpu_on_odd_shapes() {
         (200, 136, 264),
     ] {
         for (dtype, precision, tol) in MODES {
-            let bound = 1.0 / (k as f32).sqrt();
-            let shapes: [(&[usize], f32, f32); 6] = [
-                (&[m, k], -1.0, 1.0),
-                (&[n, k], -bound, bound),
-                (&[n], -0.5, 0.5),
-                (&[n], 0.5, 1.5),
-                (&[n], 0.5, 1.5),
-                (&[n], -0.5, 0.5),
-            ];
-            let ops = operands(&device, &shapes, dtype);
-            let g = operands(&device, &[(&[m, n], -1.0, 1.0)], dtype);
+            let ops = batch_norm_operands(&device, (m, k, n), dtype);
             for (which, epilogue) in [
                 ("swish", Epilogue::swish_scale(2.0)),
                 ("sigmoid", Epilogue::sigmoid_residual(2.0)),
@@ -411,9 +515,9 @@ fn gradients_match_cpu_on_odd_shapes() {
                         })
                         .collect()
                 };
-                let reference = grads(&ops.cpu64, &g.cpu64[0], false).unwrap();
+                let reference = grads(&ops.cpu64[..6], &ops.cpu64[8], false).unwrap();
                 for traced in [false, true] {
-                    let ours = grads(&ops.gpu, &g.gpu[0], traced).unwrap();
+                    let ours = grads(&ops.gpu[..6], &ops.gpu[8], traced).unwrap();
                     for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
                         // Train-mode BatchNorm cancels the gradients of the bias (to zero) and of
                         // the scale (to a term in eps): sums whose terms cancel, so the rounding of

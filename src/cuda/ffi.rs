@@ -24,8 +24,8 @@ pub(crate) struct FusedLinearArgs {
     pub x: *const c_void,
     /// `w` (n, k).
     pub w: *const c_void,
-    /// The parameter table (rows, n).
-    pub params: *const c_void,
+    /// The per-feature vectors, each (n), by their own addresses.
+    pub params: FusedParamRows,
     /// The output (m, n).
     pub y: *mut c_void,
     /// The pre-activation (m, n), or null.
@@ -72,7 +72,7 @@ impl Default for FusedLinearArgs {
         FusedLinearArgs {
             x: std::ptr::null(),
             w: std::ptr::null(),
-            params: std::ptr::null(),
+            params: FusedParamRows::default(),
             y: std::ptr::null_mut(),
             z: std::ptr::null_mut(),
             workspace: std::ptr::null_mut(),
@@ -134,10 +134,10 @@ pub(crate) struct FusedBackwardArgs {
     pub eps: f32,
 }
 
-/// `FUSED_MAX_PARAM_ROWS`: the most vectors a parameter table holds.
+/// `FUSED_MAX_PARAM_ROWS`: the most per-feature vectors an op has.
 pub(crate) const MAX_PARAM_ROWS: usize = 6;
 
-/// `FusedParamRows`: the per-feature vectors of a parameter table.
+/// `FusedParamRows`: per-feature vectors, each by its device address.
 #[repr(C)]
 #[derive(Debug)]
 pub(crate) struct FusedParamRows {
@@ -145,6 +145,16 @@ pub(crate) struct FusedParamRows {
     pub row: [*const c_void; MAX_PARAM_ROWS],
     /// Vectors in use.
     pub count: i32,
+}
+
+impl Default for FusedParamRows {
+    /// No vectors.
+    fn default() -> Self {
+        FusedParamRows {
+            row: [std::ptr::null(); MAX_PARAM_ROWS],
+            count: 0,
+        }
+    }
 }
 
 extern "C" {

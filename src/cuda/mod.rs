@@ -28,9 +28,9 @@ pub(crate) struct LinearProblem<'a> {
     pub x: (&'a CudaStorage, usize),
     /// `w` (n, k) and its offset in elements.
     pub w: (&'a CudaStorage, usize),
-    /// The parameter table (rows, n) and its offset in elements; `None` for a plain product
-    /// (no bias, no per-feature scale, no BatchNorm).
-    pub params: Option<Operand<'a>>,
+    /// The per-feature vectors, `n` elements each, in the order bias, [scale], [gamma, beta,
+    /// [running_mean, running_var]].
+    pub params: &'a [Operand<'a>],
     /// Rows of `x`.
     pub m: usize,
     /// Rows of `w` (output features).
@@ -155,8 +155,14 @@ fn forward(
     if m == 0 || n == 0 || k == 0 {
         bail!("{OP}: every dimension must be at least 1, got m={m} n={n} k={k}");
     }
+    if p.params.len() != params_rows {
+        bail!(
+            "{OP}: the epilogue takes {params_rows} per-feature vectors, got {}",
+            p.params.len()
+        );
+    }
     let mut operands = vec![("x", p.x.0), ("w", p.w.0)];
-    operands.extend(p.params.map(|params| ("params", params.0)));
+    operands.extend(p.params.iter().map(|row| ("a per-feature vector", row.0)));
     if let Some(r) = &running {
         operands.extend([("running_mean", &*r.mean.0), ("running_var", &*r.var.0)]);
     }
@@ -208,10 +214,7 @@ fn forward(
         bind(&stream, OP)?;
         let (x, _gx) = input_ptr(p.x.0, p.x.1, m * k, &stream, "x")?;
         let (w, _gw) = input_ptr(p.w.0, p.w.1, n * k, &stream, "w")?;
-        let params = p
-            .params
-            .map(|(s, offset)| input_ptr(s, offset, params_rows * n, &stream, "params"))
-            .transpose()?;
+        let (params, _params_guards) = param_rows(p.params, n, &stream)?;
         let (yp, _gy) = output_ptr(&mut y, &stream)?;
         let zp = z.as_mut().map(|z| output_ptr(z, &stream)).transpose()?;
         let sp = stats.as_mut().map(|s| output_ptr(s, &stream)).transpose()?;
@@ -245,7 +248,7 @@ fn forward(
         }
         args.x = x;
         args.w = w;
-        args.params = params.as_ref().map_or(std::ptr::null(), |(p, _)| *p);
+        args.params = params;
         args.y = yp;
         args.z = zp.as_ref().map_or(std::ptr::null_mut(), |(p, _)| *p);
         args.stats = sp
@@ -428,10 +431,7 @@ pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
     if n == 0 {
         bail!("{OP}: the vectors are empty");
     }
-    const NAMES: [&str; ffi::MAX_PARAM_ROWS] = [
-        "vector 0", "vector 1", "vector 2", "vector 3", "vector 4", "vector 5",
-    ];
-    let named: Vec<_> = NAMES
+    let named: Vec<_> = ROW_NAMES
         .iter()
         .zip(rows)
         .map(|(name, r)| (*name, r.0))
@@ -442,19 +442,8 @@ pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
     let mut out = alloc(&dev, dtype, rows.len() * n)?;
     {
         bind(&stream, OP)?;
-        let inputs = NAMES
-            .iter()
-            .zip(rows)
-            .map(|(name, r)| input_ptr(r.0, r.1, n, &stream, name))
-            .collect::<Result<Vec<_>>>()?;
+        let (table, _row_guards) = param_rows(rows, n, &stream)?;
         let (output, _go) = output_ptr(&mut out, &stream)?;
-        let mut table = ffi::FusedParamRows {
-            row: [std::ptr::null(); ffi::MAX_PARAM_ROWS],
-            count: rows.len() as i32,
-        };
-        for (slot, (ptr, _)) in table.row.iter_mut().zip(&inputs) {
-            *slot = *ptr;
-        }
         // SAFETY: every row pointer is a live device allocation of n elements and the output one
         // of rows * n, ordered on candle's stream by the guards.
         check(
@@ -517,7 +506,7 @@ pub(crate) fn linear_input_and_weight_grads(
             let problem = LinearProblem {
                 x: a,
                 w: b,
-                params: None,
+                params: &[],
                 m: rows,
                 n: cols,
                 k: inner,
@@ -731,6 +720,43 @@ fn alloc(dev: &CudaDevice, dtype: DType, len: usize) -> Result<CudaStorage> {
         }
     };
     Ok(storage)
+}
+
+/// The per-feature vectors as error messages name them.
+const ROW_NAMES: [&str; ffi::MAX_PARAM_ROWS] = [
+    "per-feature vector 0",
+    "per-feature vector 1",
+    "per-feature vector 2",
+    "per-feature vector 3",
+    "per-feature vector 4",
+    "per-feature vector 5",
+];
+
+/// The addresses of per-feature vectors of `n` elements each, checked against their storages,
+/// with the guards that order the reads on `stream`.
+fn param_rows<'a>(
+    rows: &'a [Operand<'a>],
+    n: usize,
+    stream: &'a CudaStream,
+) -> Result<(ffi::FusedParamRows, Vec<SyncOnDrop<'a>>)> {
+    if rows.len() > ffi::MAX_PARAM_ROWS {
+        bail!(
+            "fused_linear: at most {} per-feature vectors, got {}",
+            ffi::MAX_PARAM_ROWS,
+            rows.len()
+        );
+    }
+    let mut table = ffi::FusedParamRows {
+        count: rows.len() as i32,
+        ..Default::default()
+    };
+    let mut guards = Vec::with_capacity(rows.len());
+    for ((slot, name), (storage, offset)) in table.row.iter_mut().zip(ROW_NAMES).zip(rows) {
+        let (ptr, guard) = input_ptr(storage, *offset, n, stream, name)?;
+        *slot = ptr;
+        guards.push(guard);
+    }
+    Ok((table, guards))
 }
 
 /// Makes the device's context current on this thread, for the runtime API.

@@ -2,7 +2,9 @@
 
 use super::autograd::{self, Saved};
 use super::trace::{linear_targets, Graph, Target, Trace};
-use super::{check_linear_operands, param_table, scale_operand, ParamRows, Precision};
+use super::{
+    check_linear_operands, same_storage, scale_operand, ParamOperand, ParamRows, Precision,
+};
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
@@ -216,12 +218,13 @@ struct RunningBuffers {
 
 impl RunningBuffers {
     /// Checks `update` against the call's operands: the buffers are written while the op
-    /// holds `x` and `weight`, so none may share storage with another or with those.
+    /// reads the tensors of `read`, so none may share storage with another or with those.
     fn new(
         op: &str,
         bn: &BatchNormParams,
         update: RunningUpdate,
-        (x, weight): (&Tensor, &Tensor),
+        x: &Tensor,
+        read: &[(&str, &Tensor)],
     ) -> Result<Self> {
         let factor = update.factor;
         check_factor(op, factor)?;
@@ -247,9 +250,8 @@ impl RunningBuffers {
             }
             written.push(("num_batches_tracked", count));
         }
-        let held = [("the input", x), ("the weight", weight)];
         for (i, (name, t)) in written.iter().enumerate() {
-            let others = written[..i].iter().chain(&held);
+            let others = written[..i].iter().chain(read);
             if let Some((other, _)) = others.into_iter().find(|(_, o)| same_storage(t, o)) {
                 candle_core::bail!("{op}: {name} shares its storage with {other}");
             }
@@ -289,12 +291,6 @@ impl RunningBuffers {
             })
         })
     }
-}
-
-/// Whether two tensors share one storage (views, clones and detached copies of a tensor do).
-fn same_storage(a: &Tensor, b: &Tensor) -> bool {
-    let id = |t: &Tensor| &*t.storage_and_layout().0 as *const Storage;
-    std::ptr::eq(id(a), id(b))
 }
 
 /// A storage open for writing, with the offset of the tensor's first element.
@@ -416,6 +412,8 @@ impl<F: FnOnce(StorageMut, &Layout) -> Result<R>, R> InplaceOp1 for StorageAcces
 struct LinearBatchNormOp {
     epilogue: Epilogue,
     rows: ParamRows,
+    /// The per-feature vectors after the first, when the third input is not their table.
+    held: Vec<Tensor>,
     eps: f64,
     train: bool,
     precision: Precision,
@@ -527,17 +525,40 @@ impl BatchNormCall {
             // The running statistics never receive a gradient.
             rows.extend([bn.running_mean.detach(), bn.running_var.detach()]);
         }
-        let params = param_table(bias.as_ref(), &rows.iter().collect::<Vec<_>>(), &weight)?;
+        let update = bn.update.filter(|_| train);
+        let mut written = vec![];
+        if let Some(update) = &update {
+            written.extend([bn.running_mean, bn.running_var]);
+            written.extend(update.num_batches_tracked);
+        }
+        let ParamOperand {
+            input: params,
+            held,
+        } = ParamOperand::new(
+            bias.as_ref(),
+            &rows.iter().collect::<Vec<_>>(),
+            &weight,
+            &written,
+        )?;
         let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-        let running = match (train, bn.update) {
-            (true, Some(update)) => Some(RunningBuffers::new(OP, bn, update, (&x, &weight))?),
-            _ => None,
+        let running = match update {
+            Some(update) => {
+                let mut read = vec![
+                    ("the input", &x),
+                    ("the weight", &weight),
+                    ("a per-feature vector", &params),
+                ];
+                read.extend(held.iter().map(|t| ("a per-feature vector", t)));
+                Some(RunningBuffers::new(OP, bn, update, &x, &read)?)
+            }
+            None => None,
         };
         let saved = Arc::new(Saved::default());
         let table = ParamRows::batch_norm(&epilogue, train);
         let op = LinearBatchNormOp {
             epilogue,
             rows: table,
+            held,
             eps: bn.eps,
             train,
             precision,
@@ -660,6 +681,11 @@ impl CustomOp3 for LinearBatchNormOp {
         let (m, k) = x_l.shape().dims2()?;
         let n = w_l.dims()[0];
         let dims = (m, n, k);
+        if !self.held.is_empty() {
+            candle_core::bail!(
+                "fused_linear_batch_norm: per-feature vectors held outside a table on the CPU"
+            );
+        }
         let forward = |running: Option<RunningAccess>| match x.dtype() {
             DType::F64 => self.cpu_forward(
                 (
@@ -696,29 +722,22 @@ impl CustomOp3 for LinearBatchNormOp {
         p: &candle_core::CudaStorage,
         p_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, k) = x_l.shape().dims2()?;
-        let n = w_l.dims()[0];
-        let problem = crate::cuda::LinearProblem {
-            x: (x, autograd::contiguous_start(x_l)?),
-            w: (w, autograd::contiguous_start(w_l)?),
-            params: Some((p, autograd::contiguous_start(p_l)?)),
-            m,
-            n,
-            k,
-            epilogue: self.epilogue,
-            precision: self.precision,
+        let (m, n) = (x_l.dims()[0], w_l.dims()[0]);
+        let forward = |params: &[crate::cuda::Operand]| {
+            let problem =
+                super::cuda_problem((x, x_l), (w, w_l), params, self.epilogue, self.precision)?;
+            self.with_running(|running| {
+                let targets = running.map(RunningAccess::cuda_targets).transpose()?;
+                crate::cuda::linear_batch_norm_forward(
+                    &problem,
+                    self.eps,
+                    self.train,
+                    self.keep_preactivation,
+                    targets,
+                )
+            })
         };
-        let forward = |running: Option<RunningAccess>| {
-            let targets = running.map(RunningAccess::cuda_targets).transpose()?;
-            crate::cuda::linear_batch_norm_forward(
-                &problem,
-                self.eps,
-                self.train,
-                self.keep_preactivation,
-                targets,
-            )
-        };
-        let (y, z, stats) = self.with_running(forward)?;
+        let (y, z, stats) = super::with_cuda_param_rows((p, p_l), &self.held, n, forward)?;
         if let Some(z) = z {
             self.saved.keep_preactivation(Storage::Cuda(z), (m, n))?;
         }
@@ -736,6 +755,9 @@ impl CustomOp3 for LinearBatchNormOp {
         dy: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dy = dy.contiguous()?;
+        // With held vectors the third gradient is still the whole table's, `(rows, out)`: only a
+        // trace (nothing tracks gradients then) calls this, and it takes the rows it needs.
+        let p = &ParamOperand::table(p, &self.held)?;
         let (dz, dparams) = match dy.device() {
             Device::Cpu => match dy.dtype() {
                 DType::F64 => self.cpu_backward::<f64>(&dy, p)?,

@@ -2,7 +2,7 @@
 
 use super::autograd::{self, Saved};
 use super::trace::{linear_targets, Graph, Trace};
-use super::{check_linear_operands, param_table, scale_operand, ParamRows, Precision};
+use super::{check_linear_operands, scale_operand, ParamOperand, ParamRows, Precision};
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
@@ -14,6 +14,8 @@ use std::sync::Arc;
 struct FusedLinearOp {
     epilogue: Epilogue,
     rows: ParamRows,
+    /// The per-feature vectors after the first, when the third input is not their table.
+    held: Vec<Tensor>,
     precision: Precision,
     /// Whether the forward keeps the pre-activation (some input tracks gradients and the
     /// epilogue's derivative depends on `z`).
@@ -93,12 +95,21 @@ impl LinearCall {
         let [x, weight] = graph.operands([x, weight]);
         let bias = bias.map(|b| graph.operand(b));
         let scale: Vec<Tensor> = scale.map(|s| graph.operand(s)).into_iter().collect();
-        let params = param_table(bias.as_ref(), &scale.iter().collect::<Vec<_>>(), &weight)?;
+        let ParamOperand {
+            input: params,
+            held,
+        } = ParamOperand::new(
+            bias.as_ref(),
+            &scale.iter().collect::<Vec<_>>(),
+            &weight,
+            &[],
+        )?;
         let (x, weight) = (x.contiguous()?, weight.contiguous()?);
         let rows = ParamRows::linear(&epilogue);
         let op = FusedLinearOp {
             epilogue,
             rows,
+            held,
             precision,
             keep_preactivation: graph.keeps_for_backward(&[&x, &weight, &params])
                 && epilogue.backward_needs_preactivation(),
@@ -153,6 +164,9 @@ impl CustomOp3 for FusedLinearOp {
         let (m, k) = x_l.shape().dims2()?;
         let n = w_l.dims()[0];
         let dims = (m, n, k);
+        if !self.held.is_empty() {
+            candle_core::bail!("fused_linear: per-feature vectors held outside a table on the CPU");
+        }
         let y = match x.dtype() {
             DType::F64 => self.cpu_forward(
                 (
@@ -186,19 +200,12 @@ impl CustomOp3 for FusedLinearOp {
         p: &candle_core::CudaStorage,
         p_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (m, k) = x_l.shape().dims2()?;
-        let n = w_l.dims()[0];
-        let problem = crate::cuda::LinearProblem {
-            x: (x, autograd::contiguous_start(x_l)?),
-            w: (w, autograd::contiguous_start(w_l)?),
-            params: Some((p, autograd::contiguous_start(p_l)?)),
-            m,
-            n,
-            k,
-            epilogue: self.epilogue,
-            precision: self.precision,
-        };
-        let (y, z) = crate::cuda::linear_forward(&problem, self.keep_preactivation)?;
+        let (m, n) = (x_l.dims()[0], w_l.dims()[0]);
+        let (y, z) = super::with_cuda_param_rows((p, p_l), &self.held, n, |params| {
+            let problem =
+                super::cuda_problem((x, x_l), (w, w_l), params, self.epilogue, self.precision)?;
+            crate::cuda::linear_forward(&problem, self.keep_preactivation)
+        })?;
         if let Some(z) = z {
             self.saved.keep_preactivation(Storage::Cuda(z), (m, n))?;
         }
@@ -215,6 +222,9 @@ impl CustomOp3 for FusedLinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let z = self.saved.preactivation()?;
         let dy = dy.contiguous()?;
+        // With held vectors the third gradient is still the whole table's, `(rows, out)`: only a
+        // trace (nothing tracks gradients then) calls this, and it takes the rows it needs.
+        let p = &ParamOperand::table(p, &self.held)?;
         let (dz, dparams) = match dy.device() {
             Device::Cpu => match dy.dtype() {
                 DType::F64 => self.cpu_backward::<f64>(&dy, z.as_ref(), p)?,

@@ -10,7 +10,9 @@
 //! Both are `CustomOp3`s over `(x, weight, params)`, where `params` is a per-feature table of
 //! shape `(rows, out)` stacked from the bias, the optional learned scale and the BatchNorm
 //! parameters (see [`ParamRows`]). Stacking keeps the op at three inputs while Candle's autograd
-//! routes each row of the table's gradient back to the tensor it came from.
+//! routes each row of the table's gradient back to the tensor it came from. On CUDA, when no
+//! gradient flows through the vectors (inference, or a traced call), nothing is stacked: `params`
+//! is the bias, the op holds the other vectors, and the kernels read each where it lies.
 //!
 //! **Two ways to the gradients.** Under Candle's autograd ([`fused_linear`],
 //! [`fused_linear_batch_norm`] with operands that track gradients, then `Tensor::backward`), or
@@ -214,35 +216,157 @@ fn describe_device(device: &Device) -> String {
     }
 }
 
-/// Stacks per-feature vectors into the op's `(rows, out)` table (autograd splits its gradient
-/// back). A missing bias becomes a constant zero row. On CUDA, contiguous vectors that no
-/// gradient flows through (inference, or a traced call's detached operands) are stacked by one
-/// kernel launch instead of one copy per vector: the table is built before every GEMM.
-fn param_table(bias: Option<&Tensor>, rest: &[&Tensor], like: &Tensor) -> Result<Tensor> {
-    let zero_bias;
-    let bias = match bias {
-        Some(b) => b,
-        None => {
-            zero_bias = Tensor::zeros(like.dim(0)?, like.dtype(), like.device())?;
-            &zero_bias
+/// The per-feature vectors as an op takes them: its third input, and the vectors it holds.
+///
+/// On the CPU, or when a gradient flows through a vector under Candle's autograd, the input is
+/// the `(rows, out)` table stacked from the vectors (autograd splits its gradient back) and
+/// nothing is held. On CUDA, when no gradient flows through them (inference, or a traced call's
+/// detached operands), the input is the first vector and the op holds the others: the forward
+/// kernels read every vector where it lies, so no launch to stack them comes before the GEMM.
+/// A traced backward stacks them then ([`ParamOperand::table`]).
+pub(super) struct ParamOperand {
+    /// The op's third input.
+    pub input: Tensor,
+    /// The vectors after the first, when they are not stacked into `input`.
+    pub held: Vec<Tensor>,
+}
+
+impl ParamOperand {
+    /// The operand of `bias` (a constant zero row when missing) followed by `rest`, each
+    /// `(out,)` like `like`'s rows. Vectors that share storage with a tensor of `written` (which
+    /// the op writes while it reads its operands) are stacked, never held.
+    fn new(
+        bias: Option<&Tensor>,
+        rest: &[&Tensor],
+        like: &Tensor,
+        written: &[&Tensor],
+    ) -> Result<Self> {
+        let zero_bias;
+        let bias = match bias {
+            Some(b) => b,
+            None => {
+                zero_bias = Tensor::zeros(like.dim(0)?, like.dtype(), like.device())?;
+                &zero_bias
+            }
+        };
+        let mut rows = vec![bias];
+        rows.extend_from_slice(rest);
+        let held = like.device().is_cuda()
+            && rows.len() > 1
+            && rows.iter().all(|t| {
+                t.is_contiguous() && !t.track_op() && !written.iter().any(|w| same_storage(t, w))
+            });
+        if held {
+            return Ok(Self {
+                input: bias.clone(),
+                held: rest.iter().copied().cloned().collect(),
+            });
         }
-    };
-    let mut rows = vec![bias];
-    rows.extend_from_slice(rest);
+        Ok(Self {
+            input: stack_rows(&rows)?,
+            held: Vec::new(),
+        })
+    }
+
+    /// The `(rows, out)` table, given the op's third input `input` and the vectors it held.
+    pub(super) fn table(input: &Tensor, held: &[Tensor]) -> Result<Tensor> {
+        if held.is_empty() {
+            return Ok(input.clone());
+        }
+        let mut rows = vec![input];
+        rows.extend(held);
+        stack_rows(&rows)
+    }
+}
+
+/// Whether two tensors share one storage (views, clones and detached copies of a tensor do).
+fn same_storage(a: &Tensor, b: &Tensor) -> bool {
+    let id = |t: &Tensor| &*t.storage_and_layout().0 as *const candle_core::Storage;
+    std::ptr::eq(id(a), id(b))
+}
+
+/// The vectors stacked into a contiguous `(rows, out)` table: on CUDA, contiguous vectors that
+/// no gradient flows through by one kernel launch instead of one copy per vector.
+fn stack_rows(rows: &[&Tensor]) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if rows.len() > 1
-        && like.device().is_cuda()
+        && rows[0].device().is_cuda()
         && rows.iter().all(|t| t.is_contiguous() && !t.track_op())
     {
         let rest = rows[1..].iter().copied().cloned().collect();
-        return bias.apply_op1_no_bwd(&StackVectors { rest });
+        return rows[0].apply_op1_no_bwd(&StackVectors { rest });
     }
-    // Stacking a single row is a view of it, strided when the bias is: the kernels need a
+    // Stacking a single row is a view of it, strided when the vector is: the kernels need a
     // contiguous table.
-    Tensor::stack(&rows, 0)?.contiguous()
+    Tensor::stack(rows, 0)?.contiguous()
 }
 
-/// [`param_table`]'s one-launch stack on CUDA: the op's input is the first vector, `rest` the
+/// The CUDA problem of an op's forward: `x` (m, k) and `w` (n, k), each contiguous, and the
+/// per-feature vectors of [`with_cuda_param_rows`].
+#[cfg(feature = "cuda")]
+fn cuda_problem<'a>(
+    (x, x_l): (&'a candle_core::CudaStorage, &candle_core::Layout),
+    (w, w_l): (&'a candle_core::CudaStorage, &candle_core::Layout),
+    params: &'a [crate::cuda::Operand<'a>],
+    epilogue: Epilogue,
+    precision: Precision,
+) -> Result<crate::cuda::LinearProblem<'a>> {
+    let (m, k) = x_l.shape().dims2()?;
+    let (n, w_k) = w_l.shape().dims2()?;
+    if w_k != k {
+        bail!("fused op: the input has {k} features but the weight ({n}, {w_k}) expects {w_k}");
+    }
+    Ok(crate::cuda::LinearProblem {
+        x: (x, autograd::contiguous_start(x_l)?),
+        w: (w, autograd::contiguous_start(w_l)?),
+        params,
+        m,
+        n,
+        k,
+        epilogue,
+        precision,
+    })
+}
+
+/// The per-feature vectors of an op's CUDA forward, `n` elements each: the rows of the table
+/// `p` when nothing is `held`, else `p` itself followed by the held vectors. `f` runs while the
+/// held vectors' storages are locked for reading.
+#[cfg(feature = "cuda")]
+pub(super) fn with_cuda_param_rows<R>(
+    (p, p_l): (&candle_core::CudaStorage, &candle_core::Layout),
+    held: &[Tensor],
+    n: usize,
+    f: impl FnOnce(&[crate::cuda::Operand]) -> Result<R>,
+) -> Result<R> {
+    let start = autograd::contiguous_start(p_l)?;
+    let count = p_l.shape().elem_count();
+    if held.is_empty() {
+        if n == 0 || count % n != 0 {
+            bail!("fused op: a parameter table of {count} elements for {n} features");
+        }
+        let rows: Vec<_> = (0..count / n).map(|r| (p, start + r * n)).collect();
+        return f(&rows);
+    }
+    if count != n {
+        bail!("fused op: a per-feature vector of {count} elements for {n} features");
+    }
+    let guards: Vec<_> = held.iter().map(Tensor::storage_and_layout).collect();
+    let mut rows = vec![(p, start)];
+    for (storage, layout) in &guards {
+        match &**storage {
+            candle_core::Storage::Cuda(s) if layout.shape().elem_count() == n => {
+                rows.push((s, autograd::contiguous_start(layout)?))
+            }
+            candle_core::Storage::Cuda(_) => {
+                bail!("fused op: a per-feature vector does not have {n} elements")
+            }
+            _ => bail!("fused op: every per-feature vector must be on the CUDA device"),
+        }
+    }
+    f(&rows)
+}
+
+/// [`stack_rows`]'s one-launch stack on CUDA: the op's input is the first vector, `rest` the
 /// others, all contiguous, of one dtype and length, on one device.
 #[cfg(feature = "cuda")]
 struct StackVectors {

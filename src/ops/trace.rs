@@ -98,7 +98,8 @@ pub(super) fn linear_targets(
 /// same gradients twice; gradients are never accumulated.
 pub struct Trace {
     op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
-    /// `x`, the weight and the parameter table, as the forward saw them.
+    /// `x`, the weight and the op's third input (the parameter table, or its first vector when
+    /// the op holds the others), as the forward saw them.
     operands: [Tensor; 3],
     /// The forward's output (its shape, dtype and device are what `backward` expects).
     y: Tensor,
