@@ -355,6 +355,22 @@ impl ScaleBatchNorm {
         ]
     }
 
+    /// Runs the fused forward `op` on `x` with this module's operands, in train or eval mode.
+    fn apply<R>(&self, x: &Tensor, train: bool, op: BatchNormForward<R>) -> Result<R> {
+        self.with_batch_norm_params(train, |bn| {
+            op(
+                x,
+                self.gemm.weight(),
+                self.gemm.bias(),
+                self.gemm.scale(),
+                self.gemm.epilogue(),
+                bn,
+                train,
+                self.gemm.precision,
+            )
+        })
+    }
+
     /// Runs a forward `f` with BatchNorm's parameters and buffers as the op takes them: in
     /// train mode with PyTorch's running-statistics update (momentum or cumulative average, and
     /// `num_batches_tracked` counted), which the op applies in place.
@@ -388,39 +404,29 @@ impl ScaleBatchNorm {
 
 impl ModuleT for ScaleBatchNorm {
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        self.with_batch_norm_params(train, |bn| {
-            let (y, _) = fused_linear_batch_norm(
-                x,
-                self.gemm.weight(),
-                self.gemm.bias(),
-                self.gemm.scale(),
-                self.gemm.epilogue(),
-                bn,
-                train,
-                self.gemm.precision,
-            )?;
-            Ok(y)
-        })
+        let (y, _) = self.apply(x, train, fused_linear_batch_norm)?;
+        Ok(y)
     }
 }
 
 impl TracedModuleT for ScaleBatchNorm {
     fn forward_traced(&self, x: &Tensor, train: bool) -> Result<(Tensor, Trace)> {
-        self.with_batch_norm_params(train, |bn| {
-            let (y, _, trace) = fused_linear_batch_norm_traced(
-                x,
-                self.gemm.weight(),
-                self.gemm.bias(),
-                self.gemm.scale(),
-                self.gemm.epilogue(),
-                bn,
-                train,
-                self.gemm.precision,
-            )?;
-            Ok((y, trace))
-        })
+        let (y, _, trace) = self.apply(x, train, fused_linear_batch_norm_traced)?;
+        Ok((y, trace))
     }
 }
+
+/// [`fused_linear_batch_norm`] or its traced form, as [`ScaleBatchNorm::apply`] calls them.
+type BatchNormForward<R> = fn(
+    &Tensor,
+    &Tensor,
+    Option<&Tensor>,
+    Option<&Tensor>,
+    Epilogue,
+    &BatchNormParams,
+    bool,
+    Precision,
+) -> Result<R>;
 
 fn linear_parameters(prefix: &str, linear: &FusedLinear) -> Vec<(String, Tensor)> {
     let mut params = vec![(format!("{prefix}.weight"), linear.weight().clone())];

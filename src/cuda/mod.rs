@@ -766,6 +766,76 @@ fn bind(stream: &CudaStream, op: &str) -> Result<()> {
     })
 }
 
+/// A storage's device allocation: its address, element size and length in elements.
+struct Allocation {
+    base: u64,
+    elem_bytes: usize,
+    len: usize,
+}
+
+impl Allocation {
+    fn of<T>(base: u64, slice_len: usize) -> Self {
+        Allocation {
+            base,
+            elem_bytes: std::mem::size_of::<T>(),
+            len: slice_len,
+        }
+    }
+
+    /// The address of element `offset`, once `[offset, offset + len)` is checked to lie inside.
+    fn at(&self, name: &str, offset: usize, len: usize) -> Result<u64> {
+        check_extent(name, offset, len, self.len)?;
+        Ok(self.base + (offset * self.elem_bytes) as u64)
+    }
+}
+
+/// The allocation of a storage that a kernel reads, with the guard that orders the read on
+/// `stream`.
+fn read_allocation<'a>(
+    s: &'a CudaStorage,
+    stream: &'a CudaStream,
+    name: &str,
+) -> Result<(Allocation, SyncOnDrop<'a>)> {
+    fn of<'a, T>(slice: &'a CudaSlice<T>, stream: &'a CudaStream) -> (Allocation, SyncOnDrop<'a>) {
+        let (ptr, guard) = slice.device_ptr(stream);
+        (Allocation::of::<T>(ptr, slice.len()), guard)
+    }
+    Ok(match &s.slice {
+        CudaStorageSlice::F32(v) => of(v, stream),
+        CudaStorageSlice::F16(v) => of(v, stream),
+        CudaStorageSlice::BF16(v) => of(v, stream),
+        _ => bail!(
+            "fused_linear: {name} has unsupported dtype {:?} on CUDA",
+            s.dtype()
+        ),
+    })
+}
+
+/// The allocation of a storage that a kernel writes, with the guard that orders the write on
+/// `stream`.
+fn write_allocation<'a>(
+    s: &'a mut CudaStorage,
+    stream: &'a CudaStream,
+    name: &str,
+) -> Result<(Allocation, SyncOnDrop<'a>)> {
+    fn of<'a, T>(
+        slice: &'a mut CudaSlice<T>,
+        stream: &'a CudaStream,
+    ) -> (Allocation, SyncOnDrop<'a>) {
+        let len = slice.len();
+        let (ptr, guard) = slice.device_ptr_mut(stream);
+        (Allocation::of::<T>(ptr, len), guard)
+    }
+    let dtype = s.dtype();
+    Ok(match &mut s.slice {
+        CudaStorageSlice::F32(v) => of(v, stream),
+        CudaStorageSlice::F16(v) => of(v, stream),
+        CudaStorageSlice::BF16(v) => of(v, stream),
+        CudaStorageSlice::I64(v) => of(v, stream),
+        _ => bail!("fused_linear: {name} has unsupported dtype {dtype:?} on CUDA"),
+    })
+}
+
 /// The device address of elements `[offset, offset + len)` of `s`, checked against its extent,
 /// with the guard that orders the read on `stream`.
 fn input_ptr<'a>(
@@ -775,27 +845,8 @@ fn input_ptr<'a>(
     stream: &'a CudaStream,
     name: &str,
 ) -> Result<(*const c_void, SyncOnDrop<'a>)> {
-    fn of<'a, T>(
-        slice: &'a CudaSlice<T>,
-        offset: usize,
-        len: usize,
-        stream: &'a CudaStream,
-        name: &str,
-    ) -> Result<(*const c_void, SyncOnDrop<'a>)> {
-        check_extent(name, offset, len, slice.len())?;
-        let (ptr, guard) = slice.device_ptr(stream);
-        let addr = ptr + (offset * std::mem::size_of::<T>()) as u64;
-        Ok((addr as *const c_void, guard))
-    }
-    match &s.slice {
-        CudaStorageSlice::F32(v) => of(v, offset, len, stream, name),
-        CudaStorageSlice::F16(v) => of(v, offset, len, stream, name),
-        CudaStorageSlice::BF16(v) => of(v, offset, len, stream, name),
-        _ => bail!(
-            "fused_linear: {name} has unsupported dtype {:?} on CUDA",
-            s.dtype()
-        ),
-    }
+    let (allocation, guard) = read_allocation(s, stream, name)?;
+    Ok((allocation.at(name, offset, len)? as *const c_void, guard))
 }
 
 /// The device address of elements `[offset, offset + len)` of `s`, which the kernels read and
@@ -807,26 +858,8 @@ fn inout_ptr<'a>(
     stream: &'a CudaStream,
     name: &str,
 ) -> Result<(*mut c_void, SyncOnDrop<'a>)> {
-    fn of<'a, T>(
-        slice: &'a mut CudaSlice<T>,
-        offset: usize,
-        len: usize,
-        stream: &'a CudaStream,
-        name: &str,
-    ) -> Result<(*mut c_void, SyncOnDrop<'a>)> {
-        check_extent(name, offset, len, slice.len())?;
-        let (ptr, guard) = slice.device_ptr_mut(stream);
-        let addr = ptr + (offset * std::mem::size_of::<T>()) as u64;
-        Ok((addr as *mut c_void, guard))
-    }
-    let dtype = s.dtype();
-    match &mut s.slice {
-        CudaStorageSlice::F32(v) => of(v, offset, len, stream, name),
-        CudaStorageSlice::F16(v) => of(v, offset, len, stream, name),
-        CudaStorageSlice::BF16(v) => of(v, offset, len, stream, name),
-        CudaStorageSlice::I64(v) => of(v, offset, len, stream, name),
-        _ => bail!("fused_linear: {name} has unsupported dtype {dtype:?} on CUDA"),
-    }
+    let (allocation, guard) = write_allocation(s, stream, name)?;
+    Ok((allocation.at(name, offset, len)? as *mut c_void, guard))
 }
 
 /// The device address of a whole output buffer, with the guard that orders the write.
@@ -834,13 +867,8 @@ fn output_ptr<'a>(
     s: &'a mut CudaStorage,
     stream: &'a CudaStream,
 ) -> Result<(*mut c_void, SyncOnDrop<'a>)> {
-    let (ptr, guard) = match &mut s.slice {
-        CudaStorageSlice::F32(v) => v.device_ptr_mut(stream),
-        CudaStorageSlice::F16(v) => v.device_ptr_mut(stream),
-        CudaStorageSlice::BF16(v) => v.device_ptr_mut(stream),
-        _ => bail!("fused_linear: unsupported output dtype on CUDA"),
-    };
-    Ok((ptr as *mut c_void, guard))
+    let (allocation, guard) = write_allocation(s, stream, "the output")?;
+    Ok((allocation.base as *mut c_void, guard))
 }
 
 /// Turns a `cudaError_t` into an error naming the kernel and CUDA's description.
