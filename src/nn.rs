@@ -355,30 +355,10 @@ impl ScaleBatchNorm {
         ]
     }
 
-    /// Runs the fused forward `op` on `x` with this module's operands, in train or eval mode.
+    /// Runs the fused forward `op` on `x` with this module's operands and BatchNorm's parameters
+    /// and buffers: in train mode with PyTorch's running-statistics update (momentum or
+    /// cumulative average, and `num_batches_tracked` counted), which the op applies in place.
     fn apply<R>(&self, x: &Tensor, train: bool, op: BatchNormForward<R>) -> Result<R> {
-        self.with_batch_norm_params(train, |bn| {
-            op(
-                x,
-                self.gemm.weight(),
-                self.gemm.bias(),
-                self.gemm.scale(),
-                self.gemm.epilogue(),
-                bn,
-                train,
-                self.gemm.precision,
-            )
-        })
-    }
-
-    /// Runs a forward `f` with BatchNorm's parameters and buffers as the op takes them: in
-    /// train mode with PyTorch's running-statistics update (momentum or cumulative average, and
-    /// `num_batches_tracked` counted), which the op applies in place.
-    fn with_batch_norm_params<R>(
-        &self,
-        train: bool,
-        f: impl FnOnce(&BatchNormParams) -> Result<R>,
-    ) -> Result<R> {
         let mut seen = self
             .batches_seen
             .lock()
@@ -387,14 +367,24 @@ impl ScaleBatchNorm {
             factor: self.momentum.unwrap_or(1.0 / (*seen + 1) as f64),
             num_batches_tracked: Some(self.num_batches_tracked.as_tensor()),
         });
-        let out = f(&BatchNormParams {
+        let bn = BatchNormParams {
             weight: &self.bn_weight,
             bias: &self.bn_bias,
             running_mean: self.running_mean.as_tensor(),
             running_var: self.running_var.as_tensor(),
             eps: self.eps,
             update,
-        })?;
+        };
+        let out = op(
+            x,
+            self.gemm.weight(),
+            self.gemm.bias(),
+            self.gemm.scale(),
+            self.gemm.epilogue(),
+            &bn,
+            train,
+            self.gemm.precision,
+        )?;
         if train {
             *seen += 1;
         }

@@ -421,12 +421,9 @@ pub(crate) fn transpose(a: Operand, (rows, cols): (usize, usize)) -> Result<Cuda
 /// of one dtype, stacked by one kernel launch.
 pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
     const OP: &str = "fused parameter table";
-    if rows.is_empty() || rows.len() > ffi::MAX_PARAM_ROWS {
-        bail!(
-            "{OP}: takes 1 to {} vectors, got {}",
-            ffi::MAX_PARAM_ROWS,
-            rows.len()
-        );
+    // `param_rows` below refuses more than MAX_PARAM_ROWS.
+    if rows.is_empty() {
+        bail!("{OP}: takes at least one vector");
     }
     if n == 0 {
         bail!("{OP}: the vectors are empty");

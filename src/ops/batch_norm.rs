@@ -218,13 +218,12 @@ struct RunningBuffers {
 
 impl RunningBuffers {
     /// Checks `update` against the call's operands: the buffers are written while the op
-    /// reads the tensors of `read`, so none may share storage with another or with those.
+    /// holds `x` and `weight`, so none may share storage with another or with those.
     fn new(
         op: &str,
         bn: &BatchNormParams,
         update: RunningUpdate,
-        x: &Tensor,
-        read: &[(&str, &Tensor)],
+        (x, weight): (&Tensor, &Tensor),
     ) -> Result<Self> {
         let factor = update.factor;
         check_factor(op, factor)?;
@@ -250,8 +249,9 @@ impl RunningBuffers {
             }
             written.push(("num_batches_tracked", count));
         }
+        let held = [("the input", x), ("the weight", weight)];
         for (i, (name, t)) in written.iter().enumerate() {
-            let others = written[..i].iter().chain(read);
+            let others = written[..i].iter().chain(&held);
             if let Some((other, _)) = others.into_iter().find(|(_, o)| same_storage(t, o)) {
                 candle_core::bail!("{op}: {name} shares its storage with {other}");
             }
@@ -262,6 +262,13 @@ impl RunningBuffers {
             num_batches_tracked: update.num_batches_tracked.cloned(),
             factor,
         })
+    }
+
+    /// The buffers the forward writes.
+    fn written(&self) -> Vec<&Tensor> {
+        let mut written = vec![&self.mean, &self.var];
+        written.extend(&self.num_batches_tracked);
+        written
     }
 
     /// Runs `f` with write access to the buffers' storages, each locked as Candle's in-place
@@ -525,12 +532,11 @@ impl BatchNormCall {
             // The running statistics never receive a gradient.
             rows.extend([bn.running_mean.detach(), bn.running_var.detach()]);
         }
-        let update = bn.update.filter(|_| train);
-        let mut written = vec![];
-        if let Some(update) = &update {
-            written.extend([bn.running_mean, bn.running_var]);
-            written.extend(update.num_batches_tracked);
-        }
+        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+        let running = match (train, bn.update) {
+            (true, Some(update)) => Some(RunningBuffers::new(OP, bn, update, (&x, &weight))?),
+            _ => None,
+        };
         let ParamOperand {
             input: params,
             held,
@@ -538,21 +544,10 @@ impl BatchNormCall {
             bias.as_ref(),
             &rows.iter().collect::<Vec<_>>(),
             &weight,
-            &written,
+            &running
+                .as_ref()
+                .map_or_else(Vec::new, RunningBuffers::written),
         )?;
-        let (x, weight) = (x.contiguous()?, weight.contiguous()?);
-        let running = match update {
-            Some(update) => {
-                let mut read = vec![
-                    ("the input", &x),
-                    ("the weight", &weight),
-                    ("a per-feature vector", &params),
-                ];
-                read.extend(held.iter().map(|t| ("a per-feature vector", t)));
-                Some(RunningBuffers::new(OP, bn, update, &x, &read)?)
-            }
-            None => None,
-        };
         let saved = Arc::new(Saved::default());
         let table = ParamRows::batch_norm(&epilogue, train);
         let op = LinearBatchNormOp {

@@ -251,11 +251,10 @@ impl ParamOperand {
         };
         let mut rows = vec![bias];
         rows.extend_from_slice(rest);
-        let held = like.device().is_cuda()
-            && rows.len() > 1
-            && rows.iter().all(|t| {
-                t.is_contiguous() && !t.track_op() && !written.iter().any(|w| same_storage(t, w))
-            });
+        let held = untracked_on_cuda(&rows)
+            && !rows
+                .iter()
+                .any(|t| written.iter().any(|w| same_storage(t, w)));
         if held {
             return Ok(Self {
                 input: bias.clone(),
@@ -285,14 +284,19 @@ fn same_storage(a: &Tensor, b: &Tensor) -> bool {
     std::ptr::eq(id(a), id(b))
 }
 
+/// Whether the vectors are several contiguous CUDA tensors that no gradient flows through: the
+/// kernels can then read each where it lies, and [`stack_rows`] stacks them in one launch.
+fn untracked_on_cuda(rows: &[&Tensor]) -> bool {
+    rows.len() > 1
+        && rows[0].device().is_cuda()
+        && rows.iter().all(|t| t.is_contiguous() && !t.track_op())
+}
+
 /// The vectors stacked into a contiguous `(rows, out)` table: on CUDA, contiguous vectors that
 /// no gradient flows through by one kernel launch instead of one copy per vector.
 fn stack_rows(rows: &[&Tensor]) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if rows.len() > 1
-        && rows[0].device().is_cuda()
-        && rows.iter().all(|t| t.is_contiguous() && !t.track_op())
-    {
+    if untracked_on_cuda(rows) {
         let rest = rows[1..].iter().copied().cloned().collect();
         return rows[0].apply_op1_no_bwd(&StackVectors { rest });
     }
@@ -312,10 +316,7 @@ fn cuda_problem<'a>(
     precision: Precision,
 ) -> Result<crate::cuda::LinearProblem<'a>> {
     let (m, k) = x_l.shape().dims2()?;
-    let (n, w_k) = w_l.shape().dims2()?;
-    if w_k != k {
-        bail!("fused op: the input has {k} features but the weight ({n}, {w_k}) expects {w_k}");
-    }
+    let n = w_l.dims()[0];
     Ok(crate::cuda::LinearProblem {
         x: (x, autograd::contiguous_start(x_l)?),
         w: (w, autograd::contiguous_start(w_l)?),
