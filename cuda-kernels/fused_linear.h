@@ -35,7 +35,7 @@ typedef struct {
   FusedParamRows params;
   void* y;           // (m, n)
   void* z;           // (m, n) pre-activation, or NULL to skip it
-  float* workspace;  // BN train: fused_linear_workspace_floats() floats; NULL otherwise
+  float* workspace;  // fused_linear_workspace_floats() floats; NULL when that is 0
   float* stats;      // BN: (2, n) [mean, biased variance]; NULL otherwise
   // BN train, optional: BatchNorm's running statistics, (n) each of type dtype, updated
   // in place from the batch statistics by the kernel that merges them, as
@@ -55,7 +55,8 @@ typedef struct {
   float running_factor;  // BN train with running statistics: the batch's weight in the blend
 } FusedLinearArgs;
 
-// Floats of workspace that fused_linear_forward needs for these arguments (0 unless BN train).
+// Floats of workspace that fused_linear_forward needs for these arguments: BatchNorm's, and on
+// Hopper the exact f32 GEMM's. Reads only the plain fields, not the pointers.
 int64_t fused_linear_workspace_floats(const FusedLinearArgs* args);
 
 // The forward: one GEMM kernel with the whole epilogue; for BN train, a second kernel that

@@ -27,8 +27,8 @@
 //   column of every epilogue subtile (ColumnStatistics; a no-op otherwise)
 // Absent vectors are null pointers that CUTLASS reads as constants, and the activation and the
 // residual are run-time arguments, so one GEMM per element type and tile configuration serves
-// every epilogue: eight instantiations in all (three element types and exact f32, two batch
-// regimes).
+// every epilogue: ten instantiations in all (three element types and exact f32, two batch
+// regimes, and exact f32 with either way of sharing tiles between CTAs).
 //
 // BatchNorm: eval folds into the last node, f = γ/sqrt(rv + eps) and d = β − rm·f, computed by a
 // small kernel before the GEMM (which also writes the running statistics to `stats`, as the
@@ -415,7 +415,13 @@ struct LinearEpilogue {
 //   - Exact f32 (three products on split operands), either batch: cooperative 128x128 tiles,
 //     whose two accumulators per thread (the running sum and the k step's part) fit in
 //     registers where 128x256's would not; 128-byte k steps, as many stages as fit with their
-//     split copies; clusters as above.
+//     split copies; clusters as above. Being compute-bound, it also loses most to a last wave
+//     of tiles that leaves SMs idle: 1024x8192 is 512 tiles, 3.88 waves of 132, and the weight
+//     gradient's 8192x8192 is 4096, 31.03 waves. So its CTAs share the last two waves' tiles
+//     by k (CUTLASS's stream-K scheduler): each takes an equal run of k steps, and a tile split
+//     between CTAs is summed in IEEE f32 in the workspace, in a fixed order (the results do
+//     not depend on timing). Where the tiles fill the waves, the scheduler keeps whole tiles;
+//     a problem of at most 8 k steps runs on the plain persistent scheduler (`splits_k`).
 struct Cooperative {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
@@ -449,19 +455,36 @@ struct ThreeProducts {
       cutlass::gemm::collective::StageCount<split_tf32_stages<CtaTile>(EpilogueBytes)>, Schedule>::CollectiveOp>;
 };
 
-template <class ScheduleKind, class ClusterShape, class EpilogueTileShape, int KBytes, class ProductKind = OneProduct>
+// How the persistent CTAs share the output tiles: whole tiles each ...
+struct WholeTiles {
+  using Scheduler = cutlass::gemm::PersistentScheduler;
+  static constexpr bool stream_k = false;
+};
+// ... or the last two waves' tiles split by k (cooperative kernels only).
+struct StreamK {
+  using Scheduler = cutlass::gemm::StreamKScheduler;
+  static constexpr bool stream_k = true;
+};
+
+template <class ScheduleKind, class ClusterShape, class EpilogueTileShape, int KBytes, class ProductKind = OneProduct,
+          class TileSharing = WholeTiles>
 struct TileConfig {
   using Schedule = ScheduleKind;
   using Cluster = ClusterShape;
   using EpilogueTile = EpilogueTileShape;
   static constexpr int k_bytes = KBytes;
   using Product = ProductKind;
+  using Sharing = TileSharing;
 };
 using WideBatch = TileConfig<PingPong, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
 template <class T>
 using NarrowBatch = TileConfig<Cooperative, Shape<_1, _2, _1>, Shape<_128, cute::_16>, sizeof(T) == 4 ? 64 : 128>;
-using ExactWideBatch = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_16>, 128, ThreeProducts>;
-using ExactNarrowBatch = TileConfig<SplitCooperative, Shape<_1, _2, _1>, Shape<_128, cute::_16>, 128, ThreeProducts>;
+template <class Cluster, class Sharing>
+using Exact = TileConfig<SplitCooperative, Cluster, Shape<_128, cute::_16>, 128, ThreeProducts, Sharing>;
+using ExactWideBatch = Exact<Shape<_2, _1, _1>, StreamK>;
+using ExactWideWholeTiles = Exact<Shape<_2, _1, _1>, WholeTiles>;
+using ExactNarrowBatch = Exact<Shape<_1, _2, _1>, StreamK>;
+using ExactNarrowWholeTiles = Exact<Shape<_1, _2, _1>, WholeTiles>;
 constexpr int64_t NARROW_BATCH_ROWS = 128;
 
 template <class T, class Config>
@@ -491,7 +514,7 @@ struct Gemm {
   using Operand = typename CollectiveMainloop::ElementA;  // T, or tfloat32_t holding raw f32 bits
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, CollectiveMainloop,
-                                                      CollectiveEpilogue, cutlass::gemm::PersistentScheduler>;
+                                                      CollectiveEpilogue, typename Config::Sharing::Scheduler>;
   using Device = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
   using Arguments = typename Device::Arguments;
 
@@ -503,13 +526,39 @@ struct Gemm {
     cutlass::KernelHardwareInfo hw;
     hw.device_id = device;
     hw.sm_count = sm_count;
+    typename Kernel::TileSchedulerArguments scheduler{};
+    if constexpr (Config::Sharing::stream_k) {
+      // Stream-K on the last two waves whenever the last is not full; CUTLASS's heuristic
+      // would keep whole tiles unless that wave were under half full.
+      scheduler.decomposition_mode = Kernel::TileScheduler::DecompositionMode::StreamK;
+    }
     return Arguments{cutlass::gemm::GemmUniversalMode::kGemm,
                      {m, n, k, 1},
                      {static_cast<const Operand*>(a.x), StrideA{a.k, _1{}, a.m * a.k},
                       static_cast<const Operand*>(a.w), StrideB{a.k, _1{}, a.n * a.k}},
                      {Tree::arguments(in), nullptr, StrideD{a.n, _1{}, a.m * a.n}, static_cast<T*>(a.y),
                       StrideD{a.n, _1{}, a.m * a.n}},
-                     hw};
+                     hw,
+                     scheduler};
+  }
+
+  // Floats of a.workspace that the BatchNorm takes (the eval fold, or the train-mode partial
+  // statistics and folds), rounded up to 128 bytes; the GEMM's own workspace follows.
+  static int64_t batch_norm_floats(const FusedLinearArgs& a) {
+    switch (a.batch_norm) {
+      case FUSED_BN_EVAL: return ceil_div(2 * a.n, 32) * 32;
+      case FUSED_BN_TRAIN: return ceil_div(batch_norm_train_workspace_floats(a.m, a.n, stats_row_tile), 32) * 32;
+      default: return 0;
+    }
+  }
+  // Floats of a.workspace in all: the BatchNorm's, then the GEMM's (stream-K's partial tiles and
+  // the flags that order their sums).
+  static int64_t workspace_floats(const FusedLinearArgs& a, int sm_count, int device) {
+    typename Tree::Inputs shape_only{};
+    shape_only.m = a.m;
+    shape_only.n = a.n;
+    const size_t gemm_bytes = Device::get_workspace_size(arguments(a, shape_only, sm_count, device));
+    return batch_norm_floats(a) + int64_t(ceil_div(int64_t(gemm_bytes), int64_t(sizeof(float))));
   }
 };
 
@@ -593,14 +642,22 @@ bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0;
 // forward's first kernel the GPU waits for all of it. Here the size is set once per device (in
 // the primary context that Candle uses), and the clusters of two are portable, so they need no
 // attribute.
+// `workspace`: G's workspace (null when it takes none), initialised here.
 template <class G>
-cudaError_t launch_gemm(const typename G::Arguments& args, int device, cudaStream_t stream) {
+cudaError_t launch_gemm(const typename G::Arguments& args, void* workspace, int device, cudaStream_t stream) {
   using Kernel = typename G::Kernel;
   using Cluster = typename G::Cluster;
   static_assert(cute::size(Cluster{}) <= 8, "cluster sizes above 8 need cudaFuncAttributeNonPortableClusterSizeAllowed");
   constexpr int smem_bytes = Kernel::SharedStorageSize;
   FUSED_TRY(allow_dynamic_smem<cutlass::device_kernel<Kernel>>(smem_bytes, device));
-  typename Kernel::Params params = Kernel::to_underlying_arguments(args, nullptr);
+  if (workspace != nullptr) {
+    // Zeroes the flags that order stream-K's sums (a memset on the stream).
+    if (Kernel::initialize_workspace(args, workspace, stream) != cutlass::Status::kSuccess) {
+      const cudaError_t error = cudaGetLastError();
+      return error != cudaSuccess ? error : cudaErrorUnknown;
+    }
+  }
+  typename Kernel::Params params = Kernel::to_underlying_arguments(args, workspace);
   cudaLaunchAttribute cluster{};
   cluster.id = cudaLaunchAttributeClusterDimension;
   cluster.val.clusterDim.x = cute::size<0>(Cluster{});
@@ -617,18 +674,22 @@ cudaError_t launch_gemm(const typename G::Arguments& args, int device, cudaStrea
   return cudaLaunchKernelExC(&config, reinterpret_cast<const void*>(cutlass::device_kernel<Kernel>), kernel_args);
 }
 
+// The checks that need neither a device nor the pointers: element type and shape.
+bool takes_shape(const FusedLinearArgs& a) {
+  const bool element = a.dtype == FUSED_BF16 || a.dtype == FUSED_F16 || a.dtype == FUSED_F32;
+  return element && a.m >= 1 && a.n >= 8 && a.k >= 8 && a.n % 8 == 0 && a.k % 8 == 0 && a.m <= INT32_MAX &&
+         a.n <= INT32_MAX && a.k <= INT32_MAX;
+}
+
 // The checks that need no device: element type, shape, alignment, epilogue.
 bool takes_problem(const FusedLinearArgs& a) {
-  const bool element = a.dtype == FUSED_BF16 || a.dtype == FUSED_F16 || a.dtype == FUSED_F32;
-  const bool shape = a.m >= 1 && a.n >= 8 && a.k >= 8 && a.n % 8 == 0 && a.k % 8 == 0 && a.m <= INT32_MAX &&
-                     a.n <= INT32_MAX && a.k <= INT32_MAX;
   const bool aligned = aligned16(a.x) && aligned16(a.w) && aligned16(a.y) && aligned16(a.z);
   const bool epilogue = a.activation >= ACT_IDENTITY && a.activation <= ACT_TANH &&
                         a.params.count >= param_rows_needed(a);
   const bool batch_norm = a.batch_norm == FUSED_BN_NONE ||
                           (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
                           (a.batch_norm == FUSED_BN_TRAIN && a.stats != nullptr && a.workspace != nullptr);
-  return element && shape && aligned && epilogue && batch_norm;
+  return takes_shape(a) && aligned && epilogue && batch_norm;
 }
 
 // Builds and launches the GEMM (after the eval fold, when there is one). Returns false, having
@@ -648,27 +709,38 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
                                     a.m,
                                     a.n};
   const typename G::Arguments args = G::arguments(a, in, sm_count, device);
-  // Every piece of this GEMM runs without workspace; one that asked for some is not ours.
-  if (G::Device::can_implement(args) != cutlass::Status::kSuccess || G::Device::get_workspace_size(args) != 0) {
-    return false;
-  }
+  if (G::Device::can_implement(args) != cutlass::Status::kSuccess) return false;
+  // The GEMM's workspace follows the BatchNorm's in a.workspace (G::workspace_floats).
+  const bool gemm_workspace = G::Device::get_workspace_size(args) != 0;
   *status = [&]() -> cudaError_t {
+    if (gemm_workspace && a.workspace == nullptr) return cudaErrorInvalidValue;
     if (eval) {
       batch_norm_eval_fold_kernel<T><<<unsigned(ceil_div(a.n, 256)), 256, 0, stream>>>(a);
       FUSED_TRY(cudaGetLastError());
     }
-    FUSED_TRY(launch_gemm<G>(args, device, stream));
+    FUSED_TRY(launch_gemm<G>(args, gemm_workspace ? a.workspace + G::batch_norm_floats(a) : nullptr, device, stream));
     if (train) return batch_norm_train_finalize(a, G::stats_row_tile, stream);
     return cudaSuccess;
   }();
   return true;
 }
 
+// Whether stream-K can split the exact f32 GEMM's tiles of `a`: CUTLASS's scheduler keeps whole
+// tiles of at most 8 k steps, and then runs slower than the plain persistent one (8% on the
+// 32768x32768 weight gradient of SwishScale's train step, 4 k steps, on an H200).
+bool splits_k(const FusedLinearArgs& a) {
+  constexpr int64_t k_step = 32;  // the exact configurations' 128-byte k steps
+  return ceil_div(a.k, k_step) > cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::min_iters_per_sk_unit_;
+}
+
 // Calls f(Config{}) with the tile configuration that runs `a`, whose elements are T.
 template <class T, class F>
 auto with_config(const FusedLinearArgs& a, F f) {
   if constexpr (sizeof(T) == 4) {
-    if (a.tf32 == 0) return a.m <= NARROW_BATCH_ROWS ? f(ExactNarrowBatch{}) : f(ExactWideBatch{});
+    if (a.tf32 == 0) {
+      if (a.m <= NARROW_BATCH_ROWS) return splits_k(a) ? f(ExactNarrowBatch{}) : f(ExactNarrowWholeTiles{});
+      return splits_k(a) ? f(ExactWideBatch{}) : f(ExactWideWholeTiles{});
+    }
   }
   return a.m <= NARROW_BATCH_ROWS ? f(NarrowBatch<T>{}) : f(WideBatch{});
 }
@@ -679,11 +751,12 @@ bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream
       a, [&](auto config) { return run_config<T, decltype(config)>(a, device, sm_count, stream, status); });
 }
 
-// The row tile of the train-mode BatchNorm's partial statistics for `a`.
+// Floats of workspace that the configuration which runs `a` (elements T) needs.
 template <class T>
-int64_t stats_row_tile(const FusedLinearArgs& a) {
-  return with_config<T>(
-      a, [](auto config) { return Gemm<typename Cutlass<T>::type, decltype(config)>::stats_row_tile; });
+int64_t workspace_floats(const FusedLinearArgs& a, int sm_count, int device) {
+  return with_config<T>(a, [&](auto config) {
+    return Gemm<typename Cutlass<T>::type, decltype(config)>::workspace_floats(a, sm_count, device);
+  });
 }
 
 }  // namespace sm90
@@ -704,14 +777,14 @@ bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaErro
 }
 
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
-  switch (a.batch_norm) {
-    case FUSED_BN_EVAL: return 2 * a.n;
-    case FUSED_BN_TRAIN: {
-      const int64_t row_tile = a.dtype == FUSED_F32    ? sm90::stats_row_tile<float>(a)
-                               : a.dtype == FUSED_F16 ? sm90::stats_row_tile<__half>(a)
-                                                      : sm90::stats_row_tile<__nv_bfloat16>(a);
-      return batch_norm_train_workspace_floats(a.m, a.n, row_tile);
-    }
+  int device = 0, sm_count = 0;
+  // Asked before the pointers are known: a launch that then falls to the portable kernel
+  // leaves the GEMM's part unused.
+  if (!sm90::takes_shape(a) || !sm90::usable_device(&device, &sm_count)) return 0;
+  switch (a.dtype) {
+    case FUSED_F32: return sm90::workspace_floats<float>(a, sm_count, device);
+    case FUSED_F16: return sm90::workspace_floats<__half>(a, sm_count, device);
+    case FUSED_BF16: return sm90::workspace_floats<__nv_bfloat16>(a, sm_count, device);
     default: return 0;
   }
 }

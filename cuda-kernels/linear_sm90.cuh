@@ -14,9 +14,10 @@ namespace fused {
 // which case the caller runs the portable kernel.
 bool linear_forward_sm90(const FusedLinearArgs& args, cudaStream_t stream, cudaError_t* status);
 
-// Floats of `args.workspace` that the fast path needs: 2n for an eval-mode BatchNorm (its folded
-// per-feature factor and shift); for a train-mode one, the partial statistics of every epilogue
-// subtile in the portable path's layout, and the folds; 0 otherwise.
+// Floats of `args.workspace` that the fast path needs (0 when it does not take the shape, or the
+// device is not sm_90): 2n for an eval-mode BatchNorm (its folded per-feature factor and shift);
+// for a train-mode one, the partial statistics of every epilogue subtile in the portable path's
+// layout, and the folds; then, for the exact f32 GEMM, stream-K's partial tiles and flags.
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& args);
 
 }  // namespace fused

@@ -183,6 +183,10 @@ struct SplitTf32Mainloop : Base {
     };
     auto all_consumers = [] { cutlass::arch::NamedBarrier::sync(kConsumerThreads, kSplitBarrier); };
 
+    // The previous work tile's last products may still be reading small buffer 0 in the other
+    // warpgroup. After a whole tile the epilogue's barriers order them before this split, but
+    // stream-K moves on from a tile's partial sum without an epilogue.
+    all_consumers();
     int small = 0;
     land_and_split(small);
     all_consumers();

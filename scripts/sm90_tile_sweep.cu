@@ -5,8 +5,9 @@
 //
 // Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, SwishScale's at
 // 128×32768→32768 in TF32 (the narrow-batch configuration), and the weight gradient of that
-// SwishScale's train step in bf16 and TF32 (which the crate leaves to cuBLAS). Each line is the median of 40
-// launches after 5 warm-up ones, timed by CUDA events.
+// SwishScale's train step in bf16 and TF32 (which the crate leaves to cuBLAS), and the exact f32
+// GEMM's two ways of sharing tiles between CTAs. Each line is the median of 40 launches after 5
+// warm-up ones, timed by CUDA events.
 #define FUSED_SM90_PIECES_ONLY
 #include "linear_sm90.cu"
 
@@ -62,14 +63,27 @@ void report(const char* name, const FusedLinearArgs& a, float ms) {
 }
 
 template <class T, class Config>
-void time_config(const char* name, const FusedLinearArgs& a) {
+void time_config(const char* name, FusedLinearArgs a) {
   int device = 0, sm_count = 0;
   cudaError_t status = cudaSuccess;
-  if (!usable_device(&device, &sm_count) || !run_config<T, Config>(a, device, sm_count, nullptr, &status)) {
+  if (!usable_device(&device, &sm_count)) {
     printf("  %-44s not taken\n", name);
     return;
   }
+  using G = Gemm<typename Cutlass<T>::type, Config>;
+  const int64_t workspace_floats = G::workspace_floats(a, sm_count, device);
+  a.workspace = nullptr;
+  if (workspace_floats > 0 && cudaMalloc(&a.workspace, workspace_floats * sizeof(float)) != cudaSuccess) {
+    printf("  %-44s no memory for its workspace\n", name);
+    return;
+  }
+  if (!run_config<T, Config>(a, device, sm_count, nullptr, &status)) {
+    printf("  %-44s not taken\n", name);
+    cudaFree(a.workspace);
+    return;
+  }
   const float ms = median_ms([&] { run_config<T, Config>(a, device, sm_count, nullptr, &status); });
+  cudaFree(a.workspace);
   if (status != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
     printf("  %-44s failed: %s\n", name, cudaGetErrorString(status != cudaSuccess ? status : cudaGetLastError()));
     return;
@@ -183,6 +197,36 @@ void sweep_narrow(cublasHandle_t handle) {
   release(a);
 }
 
+// The exact f32 GEMM with whole tiles per CTA and with stream-K's split of the last two waves
+// (shipped), on SigmoidResidual's 1024×8192→8192 forward (512 tiles: 3.88 waves of 132), on
+// the weight gradient of its train step (8192×8192 from a 1024-deep contraction: 4096 tiles,
+// 31.03 waves) and on SwishScale's 128×32768→32768 forward (256 tiles: 1.94 waves).
+void sweep_exact() {
+  struct Case {
+    const char* title;
+    int64_t m, n, k;
+    int activation, residual;
+  };
+  const Case cases[] = {
+      {"exact f32 1024x8192->8192, SigmoidResidual epilogue", 1024, 8192, 8192, ACT_SIGMOID, 1},
+      {"exact f32 weight gradient 8192x8192, k 1024, no epilogue", 8192, 8192, 1024, ACT_IDENTITY, 0},
+      {"exact f32 128x32768->32768, SwishScale epilogue", 128, 32768, 32768, ACT_SILU, 0},
+  };
+  for (const Case& c : cases) {
+    FusedLinearArgs a = problem<float>(c.m, c.n, c.k, c.activation, c.residual);
+    a.tf32 = 0;
+    printf("%s\n", c.title);
+    if (c.m <= NARROW_BATCH_ROWS) {
+      time_config<float, ExactNarrowBatch>("cooperative 128x128, cluster 1x2, stream-K (shipped)", a);
+      time_config<float, ExactNarrowWholeTiles>("cooperative 128x128, cluster 1x2, whole tiles", a);
+    } else {
+      time_config<float, ExactWideBatch>("cooperative 128x128, cluster 2x1, stream-K (shipped)", a);
+      time_config<float, ExactWideWholeTiles>("cooperative 128x128, cluster 2x1, whole tiles", a);
+    }
+    release(a);
+  }
+}
+
 int sweep() {
   cublasHandle_t handle;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
@@ -194,6 +238,7 @@ int sweep() {
   sweep_narrow(handle);
   sweep_weight_grad<__nv_bfloat16>(handle, "bf16");
   sweep_weight_grad<float>(handle, "tf32");
+  sweep_exact();
   cublasDestroy(handle);
   const cudaError_t last = cudaDeviceSynchronize();
   printf("%s\n", last == cudaSuccess ? "done" : cudaGetErrorString(last));

@@ -30,9 +30,11 @@ const MODES: [(DType, Precision, f64); 4] = [
 ];
 
 /// Shapes (m, k, n): 1s, primes, sizes just off the tile multiples, mid-size ones, and some
-/// that the Hopper path takes (k and n multiples of 8) with partial tiles in m, n and k (the
-/// last one with an epilogue subtile wholly past the last row).
-const SHAPES: [(usize, usize, usize); 11] = [
+/// that the Hopper path takes (k and n multiples of 8) with partial tiles in m, n and k (one
+/// with an epilogue subtile wholly past the last row; the last two, in the wide and the narrow
+/// batch, with few tiles and enough k steps that the exact f32 GEMM splits each tile's k loop
+/// between CTAs).
+const SHAPES: [(usize, usize, usize); 13] = [
     (1, 1, 1),
     (1, 300, 7),
     (2, 3, 257),
@@ -44,6 +46,8 @@ const SHAPES: [(usize, usize, usize); 11] = [
     (300, 299, 293),
     (200, 136, 264),
     (150, 72, 136),
+    (200, 1096, 264),
+    (100, 520, 136),
 ];
 
 fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f64 {
@@ -436,13 +440,16 @@ fn per_feature_vectors_in_one_storage() {
 #[test]
 fn gradients_match_cpu_on_odd_shapes() {
     let Some(device) = gpu() else { return };
-    // The last shape's backward products (contractions n and m, outputs k wide) are aligned
-    // for the Hopper path; the others run the portable kernels.
+    // The last two shapes' backward products (contractions n and m, outputs k wide) are
+    // aligned for the Hopper path, and the last one's weight gradient contracts enough rows
+    // that the exact f32 GEMM splits its k loop between CTAs; the others run the portable
+    // kernels.
     for &(m, k, n) in &[
         (3usize, 17usize, 5usize),
         (64, 33, 70),
         (129, 100, 31),
         (200, 136, 264),
+        (1032, 136, 264),
     ] {
         for (dtype, precision, tol) in MODES {
             let ops = batch_norm_operands(&device, (m, k, n), dtype);

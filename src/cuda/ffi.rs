@@ -30,7 +30,7 @@ pub(crate) struct FusedLinearArgs {
     pub y: *mut c_void,
     /// The pre-activation (m, n), or null.
     pub z: *mut c_void,
-    /// BatchNorm train: `fused_linear_workspace_floats` floats; null otherwise.
+    /// `fused_linear_workspace_floats` floats; null when that is 0.
     pub workspace: *mut f32,
     /// BatchNorm: the (2, n) f32 statistics; null otherwise.
     pub stats: *mut f32,

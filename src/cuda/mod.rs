@@ -207,7 +207,8 @@ fn forward(
     let mut workspace = match workspace_len {
         0 => None,
         // SAFETY: the kernels write every float of it before they read it: the partials before
-        // the merge, the merged factors before the normalisation.
+        // the merge, the merged factors before the normalisation, stream-K's partial tiles
+        // before their sums; the launch zeroes stream-K's flags first.
         len => Some(unsafe { dev.alloc::<f32>(len)? }),
     };
     {
