@@ -132,15 +132,21 @@ __device__ __forceinline__ float param(const FusedParamRows& rows, int64_t r, in
   return to_float(static_cast<const T*>(rows.row[r])[c]);
 }
 
-// Calls `f(T{})` with the element type named by a FusedDType.
-template <class F>
-cudaError_t with_dtype(int32_t dtype, F f) {
+// Calls `f(T{})` with the element type named by a FusedDType, or returns `unknown`.
+template <class F, class R>
+R with_dtype(int32_t dtype, F f, R unknown) {
   switch (dtype) {
     case FUSED_F32: return f(float{});
     case FUSED_F16: return f(__half{});
     case FUSED_BF16: return f(__nv_bfloat16{});
-    default: return cudaErrorInvalidValue;
+    default: return unknown;
   }
+}
+
+// with_dtype for launches: an unknown dtype is an invalid value.
+template <class F>
+cudaError_t with_dtype(int32_t dtype, F f) {
+  return with_dtype(dtype, f, cudaErrorInvalidValue);
 }
 
 }  // namespace fused

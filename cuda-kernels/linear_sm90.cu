@@ -729,7 +729,8 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
 // tiles of at most 8 k steps, and then runs slower than the plain persistent one (8% on the
 // 32768x32768 weight gradient of SwishScale's train step, 4 k steps, on an H200).
 bool splits_k(const FusedLinearArgs& a) {
-  constexpr int64_t k_step = 32;  // the exact configurations' 128-byte k steps
+  static_assert(ExactNarrowBatch::k_bytes == ExactWideBatch::k_bytes, "the exact configurations share a k step");
+  constexpr int64_t k_step = ExactWideBatch::k_bytes / int64_t(sizeof(float));
   return ceil_div(a.k, k_step) > cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::min_iters_per_sk_unit_;
 }
 
@@ -768,12 +769,8 @@ int64_t workspace_floats(const FusedLinearArgs& a, int sm_count, int device) {
 bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaError_t* status) {
   int device = 0, sm_count = 0;
   if (!sm90::takes_problem(a) || !sm90::usable_device(&device, &sm_count)) return false;
-  switch (a.dtype) {
-    case FUSED_F32: return sm90::run<float>(a, device, sm_count, stream, status);
-    case FUSED_F16: return sm90::run<__half>(a, device, sm_count, stream, status);
-    case FUSED_BF16: return sm90::run<__nv_bfloat16>(a, device, sm_count, stream, status);
-    default: return false;
-  }
+  return with_dtype(
+      a.dtype, [&](auto tag) { return sm90::run<decltype(tag)>(a, device, sm_count, stream, status); }, false);
 }
 
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
@@ -781,12 +778,8 @@ int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
   // Asked before the pointers are known: a launch that then falls to the portable kernel
   // leaves the GEMM's part unused.
   if (!sm90::takes_shape(a) || !sm90::usable_device(&device, &sm_count)) return 0;
-  switch (a.dtype) {
-    case FUSED_F32: return sm90::workspace_floats<float>(a, sm_count, device);
-    case FUSED_F16: return sm90::workspace_floats<__half>(a, sm_count, device);
-    case FUSED_BF16: return sm90::workspace_floats<__nv_bfloat16>(a, sm_count, device);
-    default: return 0;
-  }
+  return with_dtype(
+      a.dtype, [&](auto tag) { return sm90::workspace_floats<decltype(tag)>(a, sm_count, device); }, int64_t(0));
 }
 
 #endif  // !FUSED_SM90_PIECES_ONLY
