@@ -33,6 +33,13 @@ using WidePingPongClusterN = TileConfig<PingPong, Shape<_1, _2, _1>, AutoTile, 1
 using NarrowDeepK = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, 128>;
 using Narrow128x128 = TileConfig<SplitCooperative, Shape<_1, _2, _1>, NarrowTile, 64>;
 using NarrowNoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, 64>;
+// The weight gradient's alternatives: larger epilogue subtiles, so that more of the output is in
+// flight in TMA stores (CUTLASS keeps two subtiles in flight).
+using Store128x64Cooperative128x256 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x64Cooperative128x256NoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x64Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x32Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_32>, 128>;
+using Store64x64PingPong = TileConfig<PingPong, Shape<_2, _1, _1>, Shape<cute::_64, cute::_64>, 128>;
 
 // Median milliseconds of `launch` over 40 runs after 5 warm-up runs.
 template <class F>
@@ -173,7 +180,8 @@ void sweep_wide(cublasHandle_t handle, const char* precision) {
 
 // A weight gradient dW = dzᵀ·x of SwishScale's train step, as the fused GEMM would take it from
 // the transposed copies: 32768×32768 outputs from a 128-deep contraction (the batch), no
-// epilogue. Writing dW bounds it (2.15 GB in bf16: 0.51 ms at the measured copy rate).
+// epilogue. Writing dW bounds it (2.15 GB in bf16: 0.51 ms at the measured copy rate), so the
+// epilogue's stores are tried with larger subtiles too.
 template <class T>
 void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   FusedLinearArgs a = problem<T>(32768, 32768, 128, ACT_IDENTITY, 0);
@@ -182,6 +190,13 @@ void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   a.scale = 1.f;
   printf("%s weight gradient 32768x32768, k 128, no epilogue\n", precision);
   time_wide_configs<T>(handle, a, "ping-pong 128x128, cluster 2x1 (wide batch)");
+  if constexpr (sizeof(T) == 2) {  // in f32 these leave the mainloop fewer than two stages
+    time_config<T, Store128x64Cooperative128x256>("cooperative 128x256, cluster 2x1, store 128x64", a);
+    time_config<T, Store128x64Cooperative128x256NoCluster>("cooperative 128x256, no cluster, store 128x64", a);
+  }
+  time_config<T, Store128x64Cooperative128x128>("cooperative 128x128, cluster 2x1, store 128x64", a);
+  time_config<T, Store128x32Cooperative128x128>("cooperative 128x128, cluster 2x1, store 128x32", a);
+  time_config<T, Store64x64PingPong>("ping-pong 128x128, cluster 2x1, store 64x64", a);
   release(a);
 }
 
