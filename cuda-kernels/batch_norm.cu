@@ -39,16 +39,20 @@ struct RowStats {
   }
 };
 
-// BatchNorm's running-statistics update of one feature: running = (1 − factor)·running +
+// BatchNorm's running-statistics update of one feature: running = (1 − factor)·old +
 // factor·weight·batch, computed in f32 and rounded once to the buffer's type.
 template <class R>
-__device__ __forceinline__ void blend_running(R* running, int64_t c, float batch, float factor, float weight) {
-  running[c] = from_float<R>((1.f - factor) * to_float(running[c]) + factor * weight * batch);
+__device__ __forceinline__ void blend_running(R* running, int64_t c, float old, float batch, float factor,
+                                              float weight) {
+  running[c] = from_float<R>((1.f - factor) * old + factor * weight * batch);
 }
 
 // A block merges MERGE_COLS features: its MERGE_GROUPS thread rows each merge every
 // MERGE_GROUPS-th tile (independent loads in flight instead of one dependent chain per
-// feature), then the first row merges the groups, in a fixed order.
+// feature), then the first row merges the groups, in a fixed order. Being a chain of loads
+// with little work between them, it is bound by their latency: so the first row reads γ, β and
+// the old running statistics before the partials, and the tile loop is unrolled, so that up to
+// four tiles' loads are in flight together (on an H200, 6.3–6.9 → 5.3–5.6 µs at 1024x8192).
 template <class T>
 __global__ void __launch_bounds__(MERGE_COLS* MERGE_GROUPS) batch_norm_merge_kernel(const FusedLinearArgs a,
                                                                                    int64_t row_tile) {
@@ -56,32 +60,43 @@ __global__ void __launch_bounds__(MERGE_COLS* MERGE_GROUPS) batch_norm_merge_ker
   const int64_t m = a.m, n = a.n;
   const int64_t c = int64_t(blockIdx.x) * MERGE_COLS + threadIdx.x;
   const int64_t tiles = ceil_div(m, row_tile);
+  const bool finisher = threadIdx.y == 0 && c < n;
+  const int64_t gamma_row = 1 + a.has_scale;
+  const bool running = a.running_mean != nullptr;
+  float gamma = 0.f, beta = 0.f, old_mean = 0.f, old_var = 0.f;
+  if (finisher) {
+    gamma = param<T>(a.params, gamma_row, c);
+    beta = param<T>(a.params, gamma_row + 1, c);
+    if (running) {
+      old_mean = to_float(static_cast<const T*>(a.running_mean)[c]);
+      old_var = to_float(static_cast<const T*>(a.running_var)[c]);
+    }
+  }
   RowStats part;
   if (c < n) {
     const float* ws_mean = a.workspace;
     const float* ws_m2 = a.workspace + tiles * n;
+#pragma unroll 4
     for (int64_t tile = threadIdx.y; tile < tiles; tile += MERGE_GROUPS) {
       part.merge(float(min(row_tile, m - tile * row_tile)), ws_mean[tile * n + c], ws_m2[tile * n + c]);
     }
   }
   groups[threadIdx.y][threadIdx.x] = part;
   __syncthreads();
-  if (threadIdx.y != 0 || c >= n) return;
+  if (!finisher) return;
   RowStats all;
   for (int g = 0; g < MERGE_GROUPS; ++g) all.merge(groups[g][threadIdx.x].count, groups[g][threadIdx.x].mean,
                                                    groups[g][threadIdx.x].m2);
   const float var = all.m2 / float(m);
   a.stats[c] = all.mean;
   a.stats[n + c] = var;
-  if (a.running_mean != nullptr) {
+  if (running) {
     // PyTorch blends in the unbiased variance; train mode guarantees m ≥ 2.
-    blend_running(static_cast<T*>(a.running_mean), c, all.mean, a.running_factor, 1.f);
-    blend_running(static_cast<T*>(a.running_var), c, var, a.running_factor, float(m) / float(m - 1));
+    blend_running(static_cast<T*>(a.running_mean), c, old_mean, all.mean, a.running_factor, 1.f);
+    blend_running(static_cast<T*>(a.running_var), c, old_var, var, a.running_factor, float(m) / float(m - 1));
     if (c == 0 && a.num_batches_tracked != nullptr) *a.num_batches_tracked += 1;
   }
-  const int64_t gamma_row = 1 + a.has_scale;
-  const BatchNormFold fold =
-      batch_norm_fold(all.mean, var, param<T>(a.params, gamma_row, c), param<T>(a.params, gamma_row + 1, c), a.eps);
+  const BatchNormFold fold = batch_norm_fold(all.mean, var, gamma, beta, a.eps);
   float* folds = a.workspace + 2 * tiles * n;
   folds[c] = fold.factor;
   folds[n + c] = fold.beta;
@@ -155,7 +170,7 @@ __global__ void batch_norm_update_running_kernel(T* running, const float* batch,
                                                  float weight) {
   const int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= n) return;
-  blend_running(running, c, batch[c], factor, weight);
+  blend_running(running, c, to_float(running[c]), batch[c], factor, weight);
 }
 
 }  // namespace fused

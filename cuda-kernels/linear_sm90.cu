@@ -686,9 +686,10 @@ bool takes_problem(const FusedLinearArgs& a) {
   const bool aligned = aligned16(a.x) && aligned16(a.w) && aligned16(a.y) && aligned16(a.z);
   const bool epilogue = a.activation >= ACT_IDENTITY && a.activation <= ACT_TANH &&
                         a.params.count >= param_rows_needed(a);
+  // Both BatchNorm modes write the statistics and keep their folds or partials in the workspace.
   const bool batch_norm = a.batch_norm == FUSED_BN_NONE ||
-                          (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
-                          (a.batch_norm == FUSED_BN_TRAIN && a.stats != nullptr && a.workspace != nullptr);
+                          ((a.batch_norm == FUSED_BN_EVAL || a.batch_norm == FUSED_BN_TRAIN) &&
+                           a.stats != nullptr && a.workspace != nullptr);
   return takes_shape(a) && aligned && epilogue && batch_norm;
 }
 

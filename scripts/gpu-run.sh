@@ -7,7 +7,8 @@
 #
 #   scripts/gpu-run.sh [tests] [sanitizer] [models] [bench] [tiles]   (default: the first four)
 #
-# `tiles` runs the Hopper GEMM's tile-configuration sweep built by scripts/sm90-tile-sweep.sh.
+# `tiles` runs the Hopper GEMM's tile-configuration sweep built by scripts/sm90-tile-sweep.sh: all of
+# it, or the parts named in SWEEP_PARTS (wide, narrow, weight-grad, exact).
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -59,7 +60,7 @@ for step in $steps; do
     ;;
   tiles)
     echo "== Hopper GEMM tile configurations"
-    .gpu/sm90_tile_sweep 2>&1 | tee "$OUT/tiles.log" || status=1
+    .gpu/sm90_tile_sweep ${SWEEP_PARTS:-} 2>&1 | tee "$OUT/tiles.log" || status=1
     ;;
   *) echo "unknown step $step"; status=1 ;;
   esac

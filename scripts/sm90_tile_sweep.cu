@@ -4,8 +4,8 @@
 // run on the GPU machine by `scripts/gpu-run.sh tiles`.
 //
 // Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, SwishScale's at
-// 128×32768→32768 in TF32 (the narrow-batch configuration), and the weight gradient of that
-// SwishScale's train step in bf16 and TF32 (which the crate leaves to cuBLAS), and the exact f32
+// 128×32768→32768 in bf16 and TF32 (the narrow-batch configuration), the weight gradient of
+// that SwishScale's train step in bf16 and TF32 (which the crate leaves to cuBLAS), and the exact f32
 // GEMM's two ways of sharing tiles between CTAs. Each line is the median of 40 launches after 5
 // warm-up ones, timed by CUDA events.
 #define FUSED_SM90_PIECES_ONLY
@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstring>
 #include <vector>
 
 namespace fused::sm90 {
@@ -33,6 +34,18 @@ using WidePingPongClusterN = TileConfig<PingPong, Shape<_1, _2, _1>, AutoTile, 1
 using NarrowDeepK = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, 128>;
 using Narrow128x128 = TileConfig<SplitCooperative, Shape<_1, _2, _1>, NarrowTile, 64>;
 using NarrowNoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, 64>;
+// The narrow batch's 128 tiles at n = 32768 leave 4 of 132 SMs idle; stream-K spreads their k
+// steps over every SM.
+template <class T>
+using NarrowStreamK =
+    TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, sizeof(T) == 4 ? 64 : 128, OneProduct, StreamK>;
+// Clusters of four along n: x's tile multicast to four CTAs instead of two, halving x's reads
+// from L2 again (x is read once per column of tiles).
+template <class T>
+using NarrowCluster4 = TileConfig<Cooperative, Shape<_1, cute::_4, _1>, NarrowTile, sizeof(T) == 4 ? 64 : 128>;
+template <class T>
+using NarrowStreamKNoCluster =
+    TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, sizeof(T) == 4 ? 64 : 128, OneProduct, StreamK>;
 // The weight gradient's alternatives: larger epilogue subtiles, so that more of the output is in
 // flight in TMA stores (CUTLASS keeps two subtiles in flight).
 using Store128x64Cooperative128x256 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
@@ -200,15 +213,21 @@ void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   release(a);
 }
 
-// The narrow-batch alternatives on SwishScale's epilogue at 128×32768→32768, in TF32.
-void sweep_narrow(cublasHandle_t handle) {
-  FusedLinearArgs a = problem<float>(128, 32768, 32768, ACT_SILU, 0);
-  printf("tf32 128x32768->32768, SwishScale epilogue\n");
+// The narrow-batch alternatives on SwishScale's epilogue at 128×32768→32768, in T.
+template <class T>
+void sweep_narrow(cublasHandle_t handle, const char* precision) {
+  FusedLinearArgs a = problem<T>(128, 32768, 32768, ACT_SILU, 0);
+  printf("%s 128x32768->32768, SwishScale epilogue\n", precision);
   time_cublas(handle, a);
-  time_config<float, NarrowBatch<float>>("cooperative 128x256x16, cluster 1x2 (shipped)", a);
-  time_config<float, NarrowDeepK>("cooperative 128x256x32, cluster 1x2", a);
-  time_config<float, Narrow128x128>("cooperative 128x128x16, cluster 1x2", a);
-  time_config<float, NarrowNoCluster>("cooperative 128x256x16, no cluster", a);
+  time_config<T, NarrowBatch<T>>("cooperative 128x256, cluster 1x2 (shipped)", a);
+  time_config<T, NarrowCluster4<T>>("cooperative 128x256, cluster 1x4", a);
+  time_config<T, NarrowStreamK<T>>("cooperative 128x256, cluster 1x2, stream-K", a);
+  time_config<T, NarrowStreamKNoCluster<T>>("cooperative 128x256, no cluster, stream-K", a);
+  if constexpr (sizeof(T) == 4) {
+    time_config<T, NarrowDeepK>("cooperative 128x256x32, cluster 1x2", a);
+    time_config<T, Narrow128x128>("cooperative 128x128x16, cluster 1x2", a);
+    time_config<T, NarrowNoCluster>("cooperative 128x256x16, no cluster", a);
+  }
   release(a);
 }
 
@@ -242,18 +261,33 @@ void sweep_exact() {
   }
 }
 
-int sweep() {
+// Runs the named parts (wide, narrow, weight-grad, exact), or all of them.
+int sweep(int argc, char** argv) {
   cublasHandle_t handle;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
     printf("cuBLAS could not start\n");
     return 1;
   }
-  sweep_wide<__nv_bfloat16>(handle, "bf16");
-  sweep_wide<float>(handle, "tf32");
-  sweep_narrow(handle);
-  sweep_weight_grad<__nv_bfloat16>(handle, "bf16");
-  sweep_weight_grad<float>(handle, "tf32");
-  sweep_exact();
+  const auto wanted = [&](const char* part) {
+    if (argc < 2) return true;
+    for (int i = 1; i < argc; ++i) {
+      if (strcmp(argv[i], part) == 0) return true;
+    }
+    return false;
+  };
+  if (wanted("wide")) {
+    sweep_wide<__nv_bfloat16>(handle, "bf16");
+    sweep_wide<float>(handle, "tf32");
+  }
+  if (wanted("narrow")) {
+    sweep_narrow<__nv_bfloat16>(handle, "bf16");
+    sweep_narrow<float>(handle, "tf32");
+  }
+  if (wanted("weight-grad")) {
+    sweep_weight_grad<__nv_bfloat16>(handle, "bf16");
+    sweep_weight_grad<float>(handle, "tf32");
+  }
+  if (wanted("exact")) sweep_exact();
   cublasDestroy(handle);
   const cudaError_t last = cudaDeviceSynchronize();
   printf("%s\n", last == cudaSuccess ? "done" : cudaGetErrorString(last));
@@ -262,4 +296,4 @@ int sweep() {
 
 }  // namespace fused::sm90
 
-int main() { return fused::sm90::sweep(); }
+int main(int argc, char** argv) { return fused::sm90::sweep(argc, argv); }
