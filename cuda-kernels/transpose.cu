@@ -8,7 +8,8 @@
 //   - the wide kernel, for f32 with both extents multiples of 4 and 16-byte aligned buffers (the
 //     backward's operands at any size worth timing): 64x64 tiles moved in 16-byte accesses on
 //     both sides, every thread with all of its loads of a tile in flight at once. The copy of an
-//     8192x8192 weight is 512 MB of traffic, and of SwishScale's 32768x32768 one 8.6 GB;
+//     8192x8192 weight is 512 MB of traffic, and of SwishScale's 32768x32768 one 8.6 GB: on an
+//     H200 they took 164 µs and 2.72 ms with the scalar kernel, 149 µs and 2.43 ms with this one;
 //   - the scalar kernel, for any shape and alignment: 32x32 tiles, one element per access.
 // The tiles are padded by one column so that the column-wise reads of a tile spread over the
 // banks (at most two threads of a warp share one).

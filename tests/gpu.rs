@@ -4,6 +4,7 @@
 //! Every test skips, with a message, when no CUDA device is present.
 #![cfg(feature = "cuda")]
 
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{
@@ -49,6 +50,20 @@ const SHAPES: [(usize, usize, usize); 13] = [
     (200, 1096, 264),
     (100, 520, 136),
 ];
+
+/// `max_rel_error` computed on the tensors' device, for tensors too large to copy to the host.
+fn max_rel_error_on_device(ours: &Tensor, reference: &Tensor) -> f64 {
+    let scalar = |t: Result<Tensor>| t.unwrap().to_scalar::<f64>().unwrap();
+    let max_abs = |t: &Tensor| scalar(t.abs().and_then(|a| a.flatten_all()?.max(0)));
+    let a = ours.to_dtype(DType::F64).unwrap();
+    let b = reference.to_dtype(DType::F64).unwrap();
+    assert_eq!(a.dims(), b.dims());
+    // A NaN or an infinity anywhere makes the sum non-finite, where a maximum might skip it.
+    if !scalar(a.abs().and_then(|a| a.sum_all())).is_finite() {
+        return f64::INFINITY;
+    }
+    max_abs(&(a - &b).unwrap()) / max_abs(&b).max(1e-30)
+}
 
 fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f64 {
     let a = ours
@@ -103,25 +118,31 @@ fn operands(device: &Device, shapes: &[(&[usize], f32, f32)], dtype: DType) -> O
     Operands { gpu, cpu64 }
 }
 
-/// The operands of a fused linear + BatchNorm call of shape (m, k, n): x, weight, bias, scale,
-/// gamma, beta, running mean, running variance, then an output gradient.
-fn batch_norm_operands(
-    device: &Device,
-    (m, k, n): (usize, usize, usize),
-    dtype: DType,
-) -> Operands {
+/// The shapes and value ranges of the operands of a fused linear + BatchNorm call of shape
+/// (m, k, n): x, weight, bias, scale, gamma, beta, running mean, running variance, then an
+/// output gradient.
+fn batch_norm_shapes((m, k, n): (usize, usize, usize)) -> [(Vec<usize>, f32, f32); 9] {
     let bound = 1.0 / (k as f32).sqrt();
-    let shapes: [(&[usize], f32, f32); 9] = [
-        (&[m, k], -1.0, 1.0),
-        (&[n, k], -bound, bound),
-        (&[n], -0.5, 0.5),
-        (&[n], 0.5, 1.5),
-        (&[n], 0.5, 1.5),
-        (&[n], -0.5, 0.5),
-        (&[n], -0.2, 0.2),
-        (&[n], 0.5, 2.0),
-        (&[m, n], -1.0, 1.0),
-    ];
+    [
+        (vec![m, k], -1.0, 1.0),
+        (vec![n, k], -bound, bound),
+        (vec![n], -0.5, 0.5),
+        (vec![n], 0.5, 1.5),
+        (vec![n], 0.5, 1.5),
+        (vec![n], -0.5, 0.5),
+        (vec![n], -0.2, 0.2),
+        (vec![n], 0.5, 2.0),
+        (vec![m, n], -1.0, 1.0),
+    ]
+}
+
+/// The operands of `batch_norm_shapes`, on the GPU and as float64 copies on the CPU.
+fn batch_norm_operands(device: &Device, size: (usize, usize, usize), dtype: DType) -> Operands {
+    let shapes = batch_norm_shapes(size);
+    let shapes: Vec<(&[usize], f32, f32)> = shapes
+        .iter()
+        .map(|(shape, lo, hi)| (shape.as_slice(), *lo, *hi))
+        .collect();
     operands(device, &shapes, dtype)
 }
 
@@ -437,6 +458,77 @@ fn per_feature_vectors_in_one_storage() {
     }
 }
 
+/// The gradients of the op named by `which` (swish, sigmoid, bn-train, bn-eval) for the operands
+/// `t` (x, weight, bias, scale, gamma, beta) and the output gradient `g`: through Candle's
+/// autograd, or (`traced`) through a Trace. Only the operands that the op reads get one.
+fn fused_grads(
+    which: &str,
+    epilogue: Epilogue,
+    t: &[Tensor],
+    g: &Tensor,
+    precision: Precision,
+    traced: bool,
+) -> Result<Vec<Tensor>> {
+    let vars: Vec<Var> = t.iter().map(Var::from_tensor).collect::<Result<_>>()?;
+    let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    let scale = epilogue.has_scale_param().then_some(v[3]);
+    let (y, trace) = if which.starts_with("bn") {
+        let (rm, rv) = (v[5].zeros_like()?, v[4].ones_like()?);
+        let bn = BatchNormParams {
+            weight: v[4],
+            bias: v[5],
+            running_mean: &rm,
+            running_var: &rv,
+            eps: 1e-5,
+            update: None,
+        };
+        let train = which == "bn-train";
+        let args = (v[0], v[1], Some(v[2]), scale, epilogue);
+        if traced {
+            let (y, _, trace) = fused_linear_batch_norm_traced(
+                args.0, args.1, args.2, args.3, args.4, &bn, train, precision,
+            )?;
+            (y, Some(trace))
+        } else {
+            let y = fused_linear_batch_norm(
+                args.0, args.1, args.2, args.3, args.4, &bn, train, precision,
+            )?;
+            (y.0, None)
+        }
+    } else if traced {
+        let (y, trace) = fused_linear_traced(v[0], v[1], Some(v[2]), scale, epilogue, precision)?;
+        (y, Some(trace))
+    } else {
+        let y = fused_linear(v[0], v[1], Some(v[2]), scale, epilogue, precision)?;
+        (y, None)
+    };
+    let store = match trace {
+        Some(trace) => trace.backward(g)?,
+        None => (y * g)?.sum_all()?.backward()?,
+    };
+    let used = if which.starts_with("bn") {
+        6
+    } else if epilogue.has_scale_param() {
+        4
+    } else {
+        3
+    };
+    gradients_of(&store, &v[..used])
+}
+
+/// The gradient of each of `vars` in `store`, or an error naming the one that has none.
+fn gradients_of(store: &GradStore, vars: &[&Tensor]) -> Result<Vec<Tensor>> {
+    vars.iter()
+        .enumerate()
+        .map(|(i, t)| {
+            store
+                .get(t)
+                .cloned()
+                .ok_or_else(|| candle_core::Error::Msg(format!("no gradient for operand {i}")))
+        })
+        .collect()
+}
+
 #[test]
 fn gradients_match_cpu_on_odd_shapes() {
     let Some(device) = gpu() else { return };
@@ -459,68 +551,8 @@ fn gradients_match_cpu_on_odd_shapes() {
                 ("bn-train", Epilogue::per_feature_scale()),
                 ("bn-eval", Epilogue::per_feature_scale()),
             ] {
-                // The gradients through Candle's autograd, or (`traced`) through a Trace.
-                let grads = |t: &[Tensor], g: &Tensor, traced: bool| -> Result<Vec<Tensor>> {
-                    let vars: Vec<Var> = t.iter().map(Var::from_tensor).collect::<Result<_>>()?;
-                    let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
-                    let scale = epilogue.has_scale_param().then_some(v[3]);
-                    let (y, trace) = if which.starts_with("bn") {
-                        let (rm, rv) = (v[5].zeros_like()?, v[4].ones_like()?);
-                        let bn = BatchNormParams {
-                            weight: v[4],
-                            bias: v[5],
-                            running_mean: &rm,
-                            running_var: &rv,
-                            eps: 1e-5,
-                            update: None,
-                        };
-                        let train = which == "bn-train";
-                        let args = (v[0], v[1], Some(v[2]), scale, epilogue);
-                        if traced {
-                            let (y, _, trace) = fused_linear_batch_norm_traced(
-                                args.0, args.1, args.2, args.3, args.4, &bn, train, precision,
-                            )?;
-                            (y, Some(trace))
-                        } else {
-                            let y = fused_linear_batch_norm(
-                                args.0, args.1, args.2, args.3, args.4, &bn, train, precision,
-                            )?;
-                            (y.0, None)
-                        }
-                    } else if traced {
-                        let (y, trace) = fused_linear_traced(
-                            v[0],
-                            v[1],
-                            Some(v[2]),
-                            scale,
-                            epilogue,
-                            precision,
-                        )?;
-                        (y, Some(trace))
-                    } else {
-                        let y = fused_linear(v[0], v[1], Some(v[2]), scale, epilogue, precision)?;
-                        (y, None)
-                    };
-                    let store = match trace {
-                        Some(trace) => trace.backward(g)?,
-                        None => (y * g)?.sum_all()?.backward()?,
-                    };
-                    let used = if which.starts_with("bn") {
-                        6
-                    } else if epilogue.has_scale_param() {
-                        4
-                    } else {
-                        3
-                    };
-                    v[..used]
-                        .iter()
-                        .map(|t| {
-                            store
-                                .get(t)
-                                .cloned()
-                                .ok_or_else(|| candle_core::Error::Msg("missing gradient".into()))
-                        })
-                        .collect()
+                let grads = |t: &[Tensor], g: &Tensor, traced| {
+                    fused_grads(which, epilogue, t, g, precision, traced)
                 };
                 let reference = grads(&ops.cpu64[..6], &ops.cpu64[8], false).unwrap();
                 for traced in [false, true] {
@@ -536,6 +568,101 @@ fn gradients_match_cpu_on_odd_shapes() {
                         let err = max_rel_error(a, b);
                         assert!(err <= 2.0 * tol, "{which} {m}x{k}->{n} {dtype:?} {precision:?} traced={traced}: gradient {i} error {err:.2e}");
                     }
+                }
+            }
+        }
+    }
+}
+
+/// The gradients of `fused_grads`' ops written with plain Candle ops as the PyTorch modules
+/// define them, in float64 on the operands' device (an implementation that shares no code with
+/// the crate's): z = x·wᵀ + b, then swish y = 2·z·σ(z), sigmoid y = 2·σ(z) + z, or the
+/// BatchNorm of u = z·s (batch statistics with the biased variance in train mode, running mean
+/// 0 and variance 1 in eval mode).
+fn plain_f64_grads(which: &str, t: &[Tensor], g: &Tensor) -> Result<Vec<Tensor>> {
+    let used = if which.starts_with("bn") { 6 } else { 3 };
+    let vars: Vec<Var> = t[..used]
+        .iter()
+        .map(|t| Var::from_tensor(&t.to_dtype(DType::F64)?))
+        .collect::<Result<_>>()?;
+    let v: Vec<&Tensor> = vars.iter().map(|v| v.as_tensor()).collect();
+    let sigmoid = |z: &Tensor| (z.neg()?.exp()? + 1.0)?.recip();
+    let z = v[0].matmul(&v[1].t()?)?.broadcast_add(v[2])?;
+    let y = match which {
+        "swish" => ((&z * sigmoid(&z)?)? * 2.0)?,
+        "sigmoid" => ((sigmoid(&z)? * 2.0)? + &z)?,
+        _ => {
+            let u = z.broadcast_mul(v[3])?;
+            let (centred, var) = if which == "bn-train" {
+                let centred = u.broadcast_sub(&u.mean_keepdim(0)?)?;
+                let var = centred.sqr()?.mean_keepdim(0)?;
+                (centred, var)
+            } else {
+                (
+                    u,
+                    Tensor::ones((1, v[3].dim(0)?), DType::F64, v[3].device())?,
+                )
+            };
+            let x_hat = centred.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
+            x_hat.broadcast_mul(v[4])?.broadcast_add(v[5])?
+        }
+    };
+    let store = (y * g.to_dtype(DType::F64)?)?.sum_all()?.backward()?;
+    gradients_of(&store, &v)
+}
+
+/// The three models' problems at their reference sizes, (m, k, n), with their epilogues: the
+/// BatchNorm model's is the scaled product before the normalisation.
+fn reference_problems() -> [(&'static str, (usize, usize, usize), Epilogue); 3] {
+    [
+        ("swish", (128, 32768, 32768), Epilogue::swish_scale(2.0)),
+        (
+            "sigmoid",
+            (1024, 8192, 8192),
+            Epilogue::sigmoid_residual(2.0),
+        ),
+        ("bn", (1024, 8192, 8192), Epilogue::per_feature_scale()),
+    ]
+}
+
+/// The gradients at the reference sizes (the input, the weight and every per-feature vector),
+/// through Candle's autograd and through a Trace, in every precision, against float64 ones of
+/// the same model written with plain Candle ops, on the same rounded operands.
+#[test]
+fn reference_sizes_gradients_match_float64() {
+    let Some(device) = gpu() else { return };
+    for (name, (m, k, n), epilogue) in reference_problems() {
+        let ops: &[&str] = match name {
+            "bn" => &["bn-train", "bn-eval"],
+            _ => &[name],
+        };
+        for (&which, (dtype, precision, tol)) in
+            ops.iter().flat_map(|w| MODES.iter().map(move |m| (w, *m)))
+        {
+            // On the GPU only: the CPU copies of batch_norm_operands would take minutes here.
+            let t: Vec<Tensor> = batch_norm_shapes((m, k, n))
+                .iter()
+                .map(|(shape, lo, hi)| {
+                    Tensor::rand(*lo, *hi, shape.as_slice(), &device)?.to_dtype(dtype)
+                })
+                .collect::<Result<_>>()
+                .unwrap();
+            let reference = plain_f64_grads(which, &t[..6], &t[8]).unwrap();
+            for traced in [false, true] {
+                let ours = fused_grads(which, epilogue, &t[..6], &t[8], precision, traced).unwrap();
+                assert_eq!(ours.len(), reference.len(), "{which}: gradient count");
+                for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+                    // As in gradients_match_cpu_on_odd_shapes: train-mode BatchNorm cancels
+                    // the bias and scale gradients to rounding.
+                    if which == "bn-train" && (i == 2 || i == 3) {
+                        continue;
+                    }
+                    let err = max_rel_error_on_device(a, b);
+                    println!("{which} {m}x{k}->{n} {dtype:?} {precision:?} traced={traced}: gradient {i} error {err:.2e}");
+                    assert!(
+                        err <= 2.0 * tol,
+                        "{which} {dtype:?} {precision:?} traced={traced}: gradient {i} error {err:.2e}"
+                    );
                 }
             }
         }
@@ -596,23 +723,7 @@ fn cross<A: Copy, B: Copy, C: Copy>(
 #[test]
 fn reference_sizes_match_float64_spot_checks() {
     let Some(device) = gpu() else { return };
-    for (name, (m, k, n), epilogue) in [
-        (
-            "swish_scale",
-            (128, 32768, 32768),
-            Epilogue::swish_scale(2.0),
-        ),
-        (
-            "sigmoid_residual",
-            (1024, 8192, 8192),
-            Epilogue::sigmoid_residual(2.0),
-        ),
-        (
-            "scale (bn input)",
-            (1024, 8192, 8192),
-            Epilogue::per_feature_scale(),
-        ),
-    ] {
+    for (name, (m, k, n), epilogue) in reference_problems() {
         for (dtype, precision, tol) in MODES {
             let bound = 1.0 / (k as f32).sqrt();
             let x = Tensor::rand(-1f32, 1.0, (m, k), &device)
