@@ -88,27 +88,33 @@ __global__ void __launch_bounds__(WIDE_THREADS)
 
 }  // namespace fused
 
+namespace {
+
+// The grid of a transpose in tiles of `tile`: the column tiles, and the row tiles up to the
+// grid's 65535 limit (the kernels take the rest in a grid-stride loop).
+dim3 tile_grid(int64_t rows, int64_t cols, int64_t tile) {
+  const int64_t row_tiles = fused::ceil_div(rows, tile);
+  return dim3(unsigned(fused::ceil_div(cols, tile)), unsigned(row_tiles < 65535 ? row_tiles : 65535));
+}
+
+}  // namespace
+
 extern "C" cudaError_t fused_transpose(const void* in, void* out, int64_t rows, int64_t cols, int32_t dtype,
                                        cudaStream_t stream) {
   using fused::TRANSPOSE_TILE;
   if (rows <= 0 || cols <= 0 || in == nullptr || out == nullptr) return cudaErrorInvalidValue;
-  const int64_t col_tiles = fused::ceil_div(cols, TRANSPOSE_TILE), row_tiles = fused::ceil_div(rows, TRANSPOSE_TILE);
-  if (col_tiles > INT32_MAX) return cudaErrorInvalidValue;
-  const bool wide = dtype == FUSED_F32 && rows % 4 == 0 && cols % 4 == 0 &&
-                    reinterpret_cast<uintptr_t>(in) % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
-  if (wide) {
-    using fused::WIDE_TILE;
-    const int64_t wide_rows = fused::ceil_div(rows, WIDE_TILE);
-    const dim3 grid(unsigned(fused::ceil_div(cols, WIDE_TILE)), unsigned(wide_rows < 65535 ? wide_rows : 65535));
-    fused::transpose_wide_kernel<<<grid, fused::WIDE_THREADS, 0, stream>>>(static_cast<const float*>(in),
-                                                                            static_cast<float*>(out), rows, cols);
+  if (fused::ceil_div(cols, TRANSPOSE_TILE) > INT32_MAX) return cudaErrorInvalidValue;
+  // The wide kernel's 16-byte accesses run along the rows of both `in` and `out`.
+  if (dtype == FUSED_F32 && fused::packs_fit<float, 4>(cols, {in}) && fused::packs_fit<float, 4>(rows, {out})) {
+    fused::transpose_wide_kernel<<<tile_grid(rows, cols, fused::WIDE_TILE), fused::WIDE_THREADS, 0, stream>>>(
+        static_cast<const float*>(in), static_cast<float*>(out), rows, cols);
     return cudaGetLastError();
   }
-  const dim3 grid(unsigned(col_tiles), unsigned(row_tiles < 65535 ? row_tiles : 65535));
   const dim3 block(TRANSPOSE_TILE, fused::TRANSPOSE_ROWS);
   return fused::with_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    fused::transpose_kernel<T><<<grid, block, 0, stream>>>(static_cast<const T*>(in), static_cast<T*>(out), rows, cols);
+    fused::transpose_kernel<T><<<tile_grid(rows, cols, TRANSPOSE_TILE), block, 0, stream>>>(
+        static_cast<const T*>(in), static_cast<T*>(out), rows, cols);
     return cudaGetLastError();
   });
 }

@@ -38,14 +38,14 @@ using NarrowNoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, 6
 // steps over every SM.
 template <class T>
 using NarrowStreamK =
-    TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, sizeof(T) == 4 ? 64 : 128, OneProduct, StreamK>;
+    TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, NarrowBatch<T>::k_bytes, OneProduct, StreamK>;
 // Clusters of four along n: x's tile multicast to four CTAs instead of two, halving x's reads
 // from L2 again (x is read once per column of tiles).
 template <class T>
-using NarrowCluster4 = TileConfig<Cooperative, Shape<_1, cute::_4, _1>, NarrowTile, sizeof(T) == 4 ? 64 : 128>;
+using NarrowCluster4 = TileConfig<Cooperative, Shape<_1, cute::_4, _1>, NarrowTile, NarrowBatch<T>::k_bytes>;
 template <class T>
 using NarrowStreamKNoCluster =
-    TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, sizeof(T) == 4 ? 64 : 128, OneProduct, StreamK>;
+    TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, NarrowBatch<T>::k_bytes, OneProduct, StreamK>;
 // The weight gradient's alternatives: larger epilogue subtiles, so that more of the output is in
 // flight in TMA stores (CUTLASS keeps two subtiles in flight).
 using Store128x64Cooperative128x256 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
