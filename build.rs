@@ -80,7 +80,7 @@ fn build_kernels() -> Result<(), String> {
             "-c",
         ])
         .args(&arch_flags)
-        .args(if src.ends_with("linear_sm90.cu") {
+        .args(if stem.ends_with("_sm90") {
             cutlass.as_slice()
         } else {
             &[]
@@ -163,8 +163,8 @@ fn find_nvcc() -> Result<PathBuf, String> {
     Err("nvcc not found: set NVCC, or CUDA_ROOT/CUDA_PATH/CUDA_HOME to the toolkit, or put nvcc on PATH".into())
 }
 
-/// The extra flags of `linear_sm90.cu`, the Hopper path built on CUTLASS's sm90 collectives:
-/// none when sm_90a is not among the targets (the file then compiles to a stub), else the
+/// The extra flags of the `*_sm90.cu` files, the Hopper paths built on CUTLASS and CuTe:
+/// none when sm_90a is not among the targets (the files then compile to stubs), else the
 /// CUTLASS 4.2 headers from `CUTLASS_DIR` or the `nvidia-cutlass` Python wheel.
 /// `CANDLE_FUSED_NO_SM90=1` builds without the Hopper path.
 fn sm90_flags(arch_flags: &[String]) -> Result<Vec<String>, String> {

@@ -48,6 +48,14 @@ __device__ __forceinline__ uint32_t to_tf32(float f) {
   return r;
 }
 
+// What TF32 tensor cores drop of x (x minus x truncated to TF32, which is what they read of an
+// f32 operand), rounded to TF32: x = big + small to 2^-22 relative. An infinite x leaves 0
+// (inf − inf would be a NaN); a NaN stays a NaN.
+__device__ __forceinline__ float tf32_remainder(float x) {
+  const float big = __uint_as_float(__float_as_uint(x) & 0xffffe000u);
+  return isinf(x) ? 0.f : __uint_as_float(to_tf32(x - big));
+}
+
 // Stores two neighbouring elements with one access; `p` must be aligned to two elements.
 __device__ __forceinline__ void store_pair(float* p, float a, float b) {
   *reinterpret_cast<float2*>(p) = make_float2(a, b);

@@ -101,6 +101,19 @@ cudaError_t fused_param_table(const FusedParamRows* rows, void* out, int64_t n, 
 cudaError_t fused_transpose(const void* in, void* out, int64_t rows, int64_t cols, int32_t dtype,
                             cudaStream_t stream);
 
+// dW (n, k) = dzᵀ·x in TF32, from the transposed copies dz_t (n, m) and x_t (k, m), on the Hopper
+// kernel for a batch of at most 128 rows (weight_grad_sm90.cu). Sets *taken to 1 and launches it
+// when that kernel takes the problem (an sm_90 device, and the shapes and alignments listed
+// there); sets *taken to 0 and launches nothing otherwise, and the caller computes dW another way.
+cudaError_t fused_weight_grad_tf32(const float* dz_t, const float* x_t, float* dw, int64_t m, int64_t n, int64_t k,
+                                   int32_t* taken, cudaStream_t stream);
+
+// out (rows, 3m) = each row of in (rows, m) as three TF32 parts side by side: the TF32 remainder
+// in part small_at (0, 1 or 2), the value truncated to TF32 in the other two; the operands of the
+// exact f32 weight gradient as one TF32 GEMM (weight_grad_split.cu).
+cudaError_t fused_split_rows_tf32(const float* in, float* out, int64_t rows, int64_t m, int32_t small_at,
+                                  cudaStream_t stream);
+
 #ifdef __cplusplus
 }
 #endif

@@ -39,14 +39,6 @@
 
 namespace fused::sm90 {
 
-// What TF32 wgmma drops of x (x minus x truncated to TF32), rounded to TF32: x = big + small
-// to 2^-22 relative, big being x as the tensor cores read it. An infinite x leaves 0 (inf − inf
-// would be a NaN); a NaN stays a NaN.
-__device__ __forceinline__ float tf32_remainder(float x) {
-  const float big = __uint_as_float(__float_as_uint(x) & 0xffffe000u);
-  return isinf(x) ? 0.f : __uint_as_float(to_tf32(x - big));
-}
-
 // Writes the TF32 remainders of `Count` fp32 values at `raw` (16-byte aligned) to `small`. Each
 // of `Threads` threads takes every Threads-th float4.
 template <int Count, int Threads>

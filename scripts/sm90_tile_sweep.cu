@@ -5,11 +5,13 @@
 //
 // Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, SwishScale's at
 // 128×32768→32768 in bf16 and TF32 (the narrow-batch configuration), the weight gradient of
-// that SwishScale's train step in bf16 and TF32 (which the crate leaves to cuBLAS), and the exact f32
+// that SwishScale's train step in bf16 and TF32 (cuBLAS's in bf16; in TF32, the crate's own
+// kernel of weight_grad_sm90.cu, whose alternatives are timed too), and the exact f32
 // GEMM's two ways of sharing tiles between CTAs. Each line is the median of 40 launches after 5
 // warm-up ones, timed by CUDA events.
 #define FUSED_SM90_PIECES_ONLY
 #include "linear_sm90.cu"
+#include "weight_grad_sm90.cu"
 
 #include <cublas_v2.h>
 
@@ -53,6 +55,12 @@ using Store128x64Cooperative128x256NoCluster = TileConfig<Cooperative, Shape<_1,
 using Store128x64Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
 using Store128x32Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_32>, 128>;
 using Store64x64PingPong = TileConfig<PingPong, Shape<_2, _1, _1>, Shape<cute::_64, cute::_64>, 128>;
+
+// The TF32 weight-gradient kernel's alternatives (weight_grad_sm90.cu): strip width, dz tiles in
+// flight, output subtiles per consumer and their width in 128-byte rows.
+using WeightGradStrip256 = weight_grad::Config<256, 2, 2, 1>;
+using WeightGradDeep = weight_grad::Config<128, 4, 2, 1>;
+using WeightGradManyBuffers = weight_grad::Config<128, 2, 6, 1>;
 
 // Median milliseconds of `launch` over 40 runs after 5 warm-up runs.
 template <class F>
@@ -195,6 +203,26 @@ void sweep_wide(cublasHandle_t handle, const char* precision) {
 // the transposed copies: 32768×32768 outputs from a 128-deep contraction (the batch), no
 // epilogue. Writing dW bounds it (2.15 GB in bf16: 0.51 ms at the measured copy rate), so the
 // epilogue's stores are tried with larger subtiles too.
+// The weight-gradient kernel of configuration C on the sweep's weight-gradient problem a, whose
+// x and w are the transposed copies dzᵀ and xᵀ and whose k is the batch.
+template <class C>
+void time_weight_grad_kernel(const char* name, const FusedLinearArgs& a) {
+  const weight_grad::Problem g{static_cast<const float*>(a.x), static_cast<const float*>(a.w), static_cast<float*>(a.y),
+                               a.k, a.m, a.n};
+  int device = 0, sm_count = 0;
+  if (!weight_grad::takes(g) || !usable_device(&device, &sm_count)) {
+    printf("  %-44s not taken\n", name);
+    return;
+  }
+  const float ms = median_ms([&] { weight_grad::launch<C>(g, device, sm_count, nullptr); });
+  const cudaError_t status = cudaDeviceSynchronize();
+  if (status != cudaSuccess) {
+    printf("  %-44s failed: %s\n", name, cudaGetErrorString(status));
+    return;
+  }
+  report(name, a, ms);
+}
+
 template <class T>
 void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   FusedLinearArgs a = problem<T>(32768, 32768, 128, ACT_IDENTITY, 0);
@@ -210,6 +238,12 @@ void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   time_config<T, Store128x64Cooperative128x128>("cooperative 128x128, cluster 2x1, store 128x64", a);
   time_config<T, Store128x32Cooperative128x128>("cooperative 128x128, cluster 2x1, store 128x32", a);
   time_config<T, Store64x64PingPong>("ping-pong 128x128, cluster 2x1, store 64x64", a);
+  if constexpr (sizeof(T) == 4) {
+    time_weight_grad_kernel<weight_grad::Shipped>("weight-grad kernel, strip 128, 2x16 KB out (shipped)", a);
+    time_weight_grad_kernel<WeightGradStrip256>("weight-grad kernel, strip 256, 2x8 KB out", a);
+    time_weight_grad_kernel<WeightGradDeep>("weight-grad kernel, strip 128, 4 tiles, 2x8 KB out", a);
+    time_weight_grad_kernel<WeightGradManyBuffers>("weight-grad kernel, strip 128, 6x8 KB out", a);
+  }
   release(a);
 }
 

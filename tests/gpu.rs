@@ -514,10 +514,14 @@ fn gradients_match_cpu_on_odd_shapes() {
     // The last two shapes' backward products (contractions n and m, outputs k wide) are
     // aligned for the Hopper path, and the last one's weight gradient contracts enough rows
     // that the exact f32 GEMM splits its k loop between CTAs; the others run the portable
-    // kernels.
+    // kernels. The first three shapes' weight gradients (batches of at most 128 rows) run in
+    // exact f32 as one TF32 GEMM over split operands, and the third one's in TF32 (m and k
+    // multiples of 4, n not a multiple of the kernel's 64-row tiles) on the Hopper
+    // weight-gradient kernel.
     for &(m, k, n) in &[
         (3usize, 17usize, 5usize),
         (64, 33, 70),
+        (100, 136, 70),
         (129, 100, 31),
         (200, 136, 264),
         (1032, 136, 264),
@@ -549,6 +553,36 @@ fn gradients_match_cpu_on_odd_shapes() {
                     }
                 }
             }
+        }
+    }
+}
+
+/// The TF32 weight gradient of a batch of at most 128 rows, which runs on the Hopper
+/// weight-gradient kernel (m and k multiples of 4), on shapes that cut its 64-row tiles and
+/// 128-column strips short and, with more tiles than SMs, give CTAs runs that cross from one
+/// strip to the next: every gradient of the swish op against the CPU's in float64.
+#[test]
+fn tf32_small_batch_weight_gradient_matches_float64() {
+    let Some(device) = gpu() else { return };
+    let (_, precision, tol) = MODES[1];
+    assert_eq!(precision, Precision::Tf32);
+    for &(m, k, n) in &[
+        (128usize, 2052usize, 520usize),
+        (36, 1000, 257),
+        (4, 260, 1100),
+    ] {
+        let ops = batch_norm_operands(&device, (m, k, n), DType::F32);
+        let epilogue = Epilogue::swish_scale(2.0);
+        let grads =
+            |t: &[Tensor], g: &Tensor| fused_grads("swish", epilogue, t, g, precision, false);
+        let reference = grads(&ops.cpu64[..6], &ops.cpu64[8]).unwrap();
+        let ours = grads(&ops.gpu[..6], &ops.gpu[8]).unwrap();
+        for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+            let err = max_rel_error(a, b);
+            assert!(
+                err <= 2.0 * tol,
+                "{m}x{k}->{n}: gradient {i} error {err:.2e}"
+            );
         }
     }
 }
@@ -818,10 +852,19 @@ fn exact_f32_is_as_accurate_as_cublas_fp32() {
 fn exact_f32_gradients_are_as_accurate_as_cublas_fp32() {
     let Some(device) = gpu() else { return };
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
-    let (m, k, n) = (2048, 1024, 2048);
-    let x = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
-    let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
-    let g = Tensor::randn(0f32, 1.0, (m, n), &device).unwrap();
+    // The second batch's weight gradient (at most 128 rows) runs as one TF32 GEMM over split
+    // operands, the first's on the fused 3xTF32 GEMM.
+    for (m, k, n) in [(2048, 1024, 2048), (128, 1024, 2048)] {
+        exact_gradients_against_cublas_fp32(&device, (m, k, n));
+    }
+}
+
+/// The exact f32 input and weight gradients of a bare product at (m, k, n), and cuBLAS fp32's,
+/// against float64 on 16 rows of each: ours no more than twice as far off.
+fn exact_gradients_against_cublas_fp32(device: &Device, (m, k, n): (usize, usize, usize)) {
+    let x = Tensor::randn(0f32, 1.0, (m, k), device).unwrap();
+    let w = Tensor::randn(0f32, 1.0, (n, k), device).unwrap();
+    let g = Tensor::randn(0f32, 1.0, (m, n), device).unwrap();
     let (_, trace) =
         fused_linear_traced(&x, &w, None, None, Epilogue::IDENTITY, Precision::Exact).unwrap();
     let grads = trace.backward(&g).unwrap();
@@ -844,10 +887,12 @@ fn exact_f32_gradients_are_as_accurate_as_cublas_fp32() {
     {
         let ours_err = max_rel_error(&ours.i(rows.clone()).unwrap(), reference);
         let cublas_err = max_rel_error(&cublas.i(rows.clone()).unwrap(), reference);
-        println!("{name} error vs float64: exact {ours_err:.2e}, cuBLAS fp32 {cublas_err:.2e}");
+        println!(
+            "{name} error vs float64 at {m}x{k}->{n}: exact {ours_err:.2e}, cuBLAS fp32 {cublas_err:.2e}"
+        );
         assert!(
             ours_err <= 2.0 * cublas_err,
-            "{name}: exact {ours_err:.2e} vs cuBLAS {cublas_err:.2e}"
+            "{name} at {m}x{k}->{n}: exact {ours_err:.2e} vs cuBLAS {cublas_err:.2e}"
         );
     }
 }

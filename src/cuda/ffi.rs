@@ -193,6 +193,29 @@ extern "C" {
         dtype: i32,
         stream: *mut c_void,
     ) -> c_int;
+    /// `dW (n, k) = dzᵀ·x` in TF32 from `dz_t (n, m)` and `x_t (k, m)` on the Hopper
+    /// weight-gradient kernel, on `stream`: sets `*taken` to 1 and launches it when that kernel
+    /// takes the problem, or to 0 having launched nothing; returns a `cudaError_t`.
+    pub(crate) fn fused_weight_grad_tf32(
+        dz_t: *const f32,
+        x_t: *const f32,
+        dw: *mut f32,
+        m: i64,
+        n: i64,
+        k: i64,
+        taken: *mut i32,
+        stream: *mut c_void,
+    ) -> c_int;
+    /// `out (rows, 3m)` = each row of `input (rows, m)` as three TF32 parts side by side, the
+    /// remainder in part `small_at`, on `stream`; returns a `cudaError_t`.
+    pub(crate) fn fused_split_rows_tf32(
+        input: *const f32,
+        out: *mut f32,
+        rows: i64,
+        m: i64,
+        small_at: i32,
+        stream: *mut c_void,
+    ) -> c_int;
     /// The CUDA runtime's description of an error code.
     pub(crate) fn cudaGetErrorString(error: c_int) -> *const c_char;
 }

@@ -479,8 +479,12 @@ pub(crate) struct BackwardOperands<'a> {
 /// the arithmetic that the dtype and `precision` ask for, whatever Candle's global
 /// reduced-precision switches say:
 /// - exact f32: the fused kernels' fp32-accurate 3xTF32 GEMM (`dx = dz·(Wᵀ)ᵀ`, `dW =
-///   dzᵀ·(xᵀ)ᵀ`, from the transposed copies, which it needs);
-/// - TF32: cuBLAS on TF32 tensor cores, the weight gradient from `dzᵀ` and `xᵀ` when given;
+///   dzᵀ·(xᵀ)ᵀ`, from the transposed copies, which it needs), but for the weight gradient of a
+///   batch of at most 128 rows, the same split as one TF32 cuBLAS GEMM over split operands
+///   laid side by side ([`exact_weight_grad_from_split`]), which is faster there;
+/// - TF32: cuBLAS on TF32 tensor cores, the weight gradient from `dzᵀ` and `xᵀ` when given,
+///   and then, for a batch of at most 128 rows on an sm_90 device, on the crate's own kernel
+///   (`cuda-kernels/weight_grad_sm90.cu`), which is faster there;
 /// - f16 and bf16: cuBLAS with f32 accumulation.
 pub(crate) fn linear_input_and_weight_grads(
     operands: &BackwardOperands,
@@ -513,18 +517,23 @@ pub(crate) fn linear_input_and_weight_grads(
             };
             Ok(forward(&problem, 0, None, false, None)?.0)
         };
-        return Ok((product(dz, w_t, (m, k, n))?, product(dz_t, x_t, (n, k, m))?));
+        let dw = if m <= SPLIT_WEIGHT_GRAD_ROWS {
+            exact_weight_grad_from_split(dz_t, x_t, (m, n, k))?
+        } else {
+            product(dz_t, x_t, (n, k, m))?
+        };
+        return Ok((product(dz, w_t, (m, k, n))?, dw));
     }
     cublas_input_and_weight_grads(operands, (m, n, k), dtype)
 }
 
-/// [`linear_input_and_weight_grads`] on cuBLAS, for TF32 (f32), f16 and bf16.
+/// [`linear_input_and_weight_grads`] for TF32 (f32), f16 and bf16: on cuBLAS, but for TF32's
+/// small-batch weight gradient.
 fn cublas_input_and_weight_grads(
     operands: &BackwardOperands,
     (m, n, k): (usize, usize, usize),
     dtype: DType,
 ) -> Result<(CudaStorage, CudaStorage)> {
-    use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
     const OP: &str = "fused_linear backward GEMM";
     let BackwardOperands {
         dz,
@@ -533,37 +542,16 @@ fn cublas_input_and_weight_grads(
         batch_major,
         ..
     } = *operands;
-    let extent = |name: &str, v: usize| -> Result<c_int> {
-        match c_int::try_from(v) {
-            Ok(v) if v > 0 => Ok(v),
-            _ => bail!("{OP}: {name} = {v} is outside cuBLAS's range 1..=2^31-1"),
-        }
-    };
-    let (mi, ni, ki) = (extent("m", m)?, extent("n", n)?, extent("k", k)?);
-    let (element, compute) = match dtype {
-        DType::F32 => (
-            sys::cudaDataType_t::CUDA_R_32F,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
-        ),
-        DType::F16 => (
-            sys::cudaDataType_t::CUDA_R_16F,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        ),
-        _ => (
-            sys::cudaDataType_t::CUDA_R_16BF,
-            sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
-        ),
-    };
+    let (mi, ni, ki) = (
+        cublas_extent(OP, "m", m)?,
+        cublas_extent(OP, "n", n)?,
+        cublas_extent(OP, "k", k)?,
+    );
     let dev = dz.0.device().clone();
     let stream = dev.cuda_stream();
-    let blas = dev.cublas_handle();
+    let gemm = Gemm::of(&dev, dtype, OP);
     let mut dx = alloc(&dev, dtype, m * k)?;
     let mut dw = alloc(&dev, dtype, n * k)?;
-    let (alpha, beta) = (1f32, 0f32);
-    let (one, zero) = (
-        &alpha as *const f32 as *const c_void,
-        &beta as *const f32 as *const c_void,
-    );
     {
         bind(&stream, OP)?;
         let (dzp, _gdz) = input_ptr(dz.0, dz.1, m * n, &stream, "grad")?;
@@ -578,54 +566,204 @@ fn cublas_input_and_weight_grads(
             )),
             None => None,
         };
-        let (no, transposed) = (
-            sys::cublasOperation_t::CUBLAS_OP_N,
-            sys::cublasOperation_t::CUBLAS_OP_T,
-        );
-        let algo = sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT;
-        // cuBLAS is column-major: a row-major (r, c) matrix is its (c, r) transpose there.
-        // C (rows, cols) = op(A) · op(B), each operand given as (op, pointer, leading dimension),
-        // C with leading dimension `rows`.
-        let product =
-            |(rows, cols, inner): (c_int, c_int, c_int), (transa, a, lda), (transb, b, ldb), c| {
-                // SAFETY: every pointer is a live device allocation of the extent checked above,
-                // the handle runs on candle's stream, and the guards order the accesses on it.
-                unsafe {
-                    gemm_ex(
-                        *blas.handle(),
-                        transa,
-                        transb,
-                        rows,
-                        cols,
-                        inner,
-                        one,
-                        a,
-                        element,
-                        lda,
-                        b,
-                        element,
-                        ldb,
-                        zero,
-                        c,
-                        element,
-                        rows,
-                        compute,
-                        algo,
-                    )
-                }
-            };
-        // dxᵀ (k, m) = Wᵀ (k, n) · dzᵀ (n, m); then dWᵀ (k, n) = xᵀ (k, m) · dz (m, n), from
-        // the transposed copies when given, so that both operands run along the contraction.
-        product((ki, mi, ni), (no, wp, ki), (no, dzp, ni), dxp)
-            .and_then(|()| match &k_major {
-                Some(((dz_t, _), (x_t, _))) => {
-                    product((ki, ni, mi), (transposed, *x_t, mi), (no, *dz_t, mi), dwp)
-                }
-                None => product((ki, ni, mi), (no, xp, ki), (transposed, dzp, ni), dwp),
-            })
-            .map_err(|e| candle_core::Error::Cuda(format!("candle-fused {OP}: {e:?}").into()))?;
+        // SAFETY (every product below): the pointers are live device allocations of the
+        // extents checked above, and the guards order the accesses on candle's stream, which
+        // the handle runs on.
+        // dxᵀ (k, m) = Wᵀ (k, n) · dzᵀ (n, m).
+        unsafe { gemm.run((ki, mi, ni), (false, wp, ki), (false, dzp, ni), dxp) }?;
+        // dW: in TF32 from a batch of at most 128 rows, on the crate's Hopper kernel when it
+        // takes the problem.
+        let taken = match &k_major {
+            Some(((dz_t, _), (x_t, _))) if dtype == DType::F32 => {
+                let mut taken = 0i32;
+                // SAFETY: as above; the kernel runs on candle's stream and writes only dw.
+                check(
+                    unsafe {
+                        ffi::fused_weight_grad_tf32(
+                            *dz_t as *const f32,
+                            *x_t as *const f32,
+                            dwp as *mut f32,
+                            m as i64,
+                            n as i64,
+                            k as i64,
+                            &mut taken,
+                            stream.cu_stream() as *mut c_void,
+                        )
+                    },
+                    "TF32 weight gradient",
+                )?;
+                taken != 0
+            }
+            _ => false,
+        };
+        // Else cuBLAS: dWᵀ (k, n) = xᵀ (k, m) · dz (m, n), from the transposed copies when
+        // given, so that both operands run along the contraction.
+        if !taken {
+            match &k_major {
+                Some(((dz_t, _), (x_t, _))) => unsafe {
+                    gemm.run((ki, ni, mi), (true, *x_t, mi), (false, *dz_t, mi), dwp)
+                },
+                None => unsafe { gemm.run((ki, ni, mi), (false, xp, ki), (true, dzp, ni), dwp) },
+            }?;
+        }
     }
     Ok((dx, dw))
+}
+
+/// Batches of at most this many rows take the exact f32 weight gradient as one TF32 GEMM over
+/// split operands ([`exact_weight_grad_from_split`]).
+const SPLIT_WEIGHT_GRAD_ROWS: usize = 128;
+
+/// The exact f32 weight gradient `dW (n, k) = dzᵀ·x` as one TF32 cuBLAS GEMM contracting over
+/// `3m`: `[small | big | big](dzᵀ) · [big | small | big](xᵀ)ᵀ`, the 3xTF32 split of
+/// `cuda-kernels/weight_grad_split.cu`, from the transposed copies `dzᵀ (n, m)` and `xᵀ (k, m)`.
+/// Its split operands are `3m·(n + k)` f32 elements, freed when it returns.
+fn exact_weight_grad_from_split(
+    dz_t: Operand,
+    x_t: Operand,
+    (m, n, k): (usize, usize, usize),
+) -> Result<CudaStorage> {
+    const OP: &str = "exact f32 weight gradient";
+    let inner = m * 3;
+    let (ii, ni, ki) = (
+        cublas_extent(OP, "3m", inner)?,
+        cublas_extent(OP, "n", n)?,
+        cublas_extent(OP, "k", k)?,
+    );
+    let dev = dz_t.0.device().clone();
+    let stream = dev.cuda_stream();
+    let gemm = Gemm::of(&dev, DType::F32, OP);
+    let mut dz_parts = alloc(&dev, DType::F32, n * inner)?;
+    let mut x_parts = alloc(&dev, DType::F32, k * inner)?;
+    let mut dw = alloc(&dev, DType::F32, n * k)?;
+    {
+        bind(&stream, OP)?;
+        let (dzp, _gdz) = input_ptr(dz_t.0, dz_t.1, m * n, &stream, "grad, transposed")?;
+        let (xp, _gx) = input_ptr(x_t.0, x_t.1, m * k, &stream, "x, transposed")?;
+        let (dz_partsp, _gdzs) = output_ptr(&mut dz_parts, &stream)?;
+        let (x_partsp, _gxs) = output_ptr(&mut x_parts, &stream)?;
+        let (dwp, _gdw) = output_ptr(&mut dw, &stream)?;
+        // The remainders of dz in the first part, those of x in the second.
+        for (input, parts, rows, small_at) in [(dzp, dz_partsp, n, 0), (xp, x_partsp, k, 1)] {
+            // SAFETY: `input` holds rows·m f32 elements and `parts` rows·3m (allocated above),
+            // ordered on candle's stream by the guards; the kernel runs on that stream.
+            check(
+                unsafe {
+                    ffi::fused_split_rows_tf32(
+                        input as *const f32,
+                        parts as *mut f32,
+                        rows as i64,
+                        m as i64,
+                        small_at,
+                        stream.cu_stream() as *mut c_void,
+                    )
+                },
+                "TF32 split",
+            )?;
+        }
+        // dWᵀ (k, n) = x_parts (k, 3m) · dz_partsᵀ (3m, n), as the TF32 product from the
+        // transposed copies. SAFETY: as above, the parts holding rows·3m elements each.
+        unsafe {
+            gemm.run(
+                (ki, ni, ii),
+                (true, x_partsp, ii),
+                (false, dz_partsp, ii),
+                dwp,
+            )
+        }?;
+    }
+    Ok(dw)
+}
+
+/// `v` as a cuBLAS extent, or an error naming it.
+fn cublas_extent(op: &str, name: &str, v: usize) -> Result<c_int> {
+    match c_int::try_from(v) {
+        Ok(v) if v > 0 => Ok(v),
+        _ => bail!("{op}: {name} = {v} is outside cuBLAS's range 1..=2^31-1"),
+    }
+}
+
+/// cuBLAS GEMMs in one element type with f32 accumulation (on TF32 tensor cores for f32),
+/// whatever Candle's global reduced-precision switches say, on the device's handle.
+struct Gemm<'a> {
+    blas: std::sync::Arc<candle_core::cuda::cudarc::cublas::CudaBlas>,
+    element: candle_core::cuda::cudarc::cublas::sys::cudaDataType_t,
+    compute: candle_core::cuda::cudarc::cublas::sys::cublasComputeType_t,
+    op: &'a str,
+}
+
+impl<'a> Gemm<'a> {
+    /// GEMMs of `dtype` operands on `dev`'s handle, their errors naming `op`.
+    fn of(dev: &CudaDevice, dtype: DType, op: &'a str) -> Self {
+        use candle_core::cuda::cudarc::cublas::sys::{cublasComputeType_t, cudaDataType_t};
+        let (element, compute) = match dtype {
+            DType::F32 => (
+                cudaDataType_t::CUDA_R_32F,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F_FAST_TF32,
+            ),
+            DType::F16 => (
+                cudaDataType_t::CUDA_R_16F,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+            _ => (
+                cudaDataType_t::CUDA_R_16BF,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+            ),
+        };
+        Gemm {
+            blas: dev.cublas_handle(),
+            element,
+            compute,
+            op,
+        }
+    }
+
+    /// `C (rows, cols) = op(A) · op(B)` in cuBLAS's column-major terms (a row-major (r, c)
+    /// matrix is its (c, r) transpose there), each operand given as (transposed, device address,
+    /// leading dimension), C with leading dimension `rows`.
+    ///
+    /// # Safety
+    /// The addresses must be live device allocations of the extents that the shapes and leading
+    /// dimensions imply, their accesses ordered on the stream that the handle runs on.
+    unsafe fn run(
+        &self,
+        (rows, cols, inner): (c_int, c_int, c_int),
+        (transa, a, lda): (bool, *const c_void, c_int),
+        (transb, b, ldb): (bool, *const c_void, c_int),
+        c: *mut c_void,
+    ) -> Result<()> {
+        use candle_core::cuda::cudarc::cublas::{result::gemm_ex, sys};
+        let op = |t: bool| {
+            if t {
+                sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        gemm_ex(
+            *self.blas.handle(),
+            op(transa),
+            op(transb),
+            rows,
+            cols,
+            inner,
+            &alpha as *const f32 as *const c_void,
+            a,
+            self.element,
+            lda,
+            b,
+            self.element,
+            ldb,
+            &beta as *const f32 as *const c_void,
+            c,
+            self.element,
+            rows,
+            self.compute,
+            sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+        )
+        .map_err(|e| candle_core::Error::Cuda(format!("candle-fused {}: {e:?}", self.op).into()))
+    }
 }
 
 /// BatchNorm's running-statistics update of one buffer, in place on the device:

@@ -20,7 +20,9 @@
 //! backward returns the gradients directly without Candle's gradient store. Both run the same
 //! fused backward: one kernel for the gradient at the pre-activation and the per-feature
 //! parameter gradients, then the input and weight products in the op's precision (on the GPU:
-//! exact f32 on the crate's fp32-accurate 3xTF32 GEMM, the others on cuBLAS).
+//! exact f32 on the crate's fp32-accurate 3xTF32 GEMM, the others on cuBLAS; the weight gradient
+//! of a batch of at most 128 rows runs in exact f32 as one TF32 cuBLAS GEMM over the same split,
+//! and in TF32 on the crate's Hopper kernel).
 //!
 //! **What the forward keeps for the backward.** Only when some input tracks gradients (or the
 //! call is traced), the op keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in
@@ -32,7 +34,8 @@
 //! **What the backward allocates for a moment.** Tensor-core products read f32 operands along
 //! the contraction, so on the GPU the f32 backward makes transposed copies, freed when it
 //! returns: `dzᵀ` and `xᵀ` (batch-sized) in TF32 and exact f32, and in exact f32 also `Wᵀ`, one
-//! more weight-sized buffer.
+//! more weight-sized buffer, and for a batch of at most 128 rows the split copies of `dzᵀ` and
+//! `xᵀ` (three times their size).
 
 mod autograd;
 mod batch_norm;

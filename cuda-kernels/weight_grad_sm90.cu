@@ -1,0 +1,309 @@
+// The Hopper (sm_90a) TF32 weight gradient of a small batch: dW (n, k) = dzᵀ·x, the
+// contraction running over the batch's m ≤ 128 rows.
+//
+// Why its own kernel: a GEMM whose contraction is that short spends its time moving dW, not
+// multiplying (SwishScale's 32768×32768 f32 gradient is 4.3 GB to write from 0.27 TFLOP of
+// products). A general GEMM loads both operand tiles for every output tile; here each CTA keeps
+// one operand in shared memory for its whole run and streams only the other:
+//   - x's rows for a strip of BN output columns stay in shared memory (the contraction fits: at
+//     most 128 deep), loaded once per strip;
+//   - a producer warp streams dz's 64-row tiles through a pipeline by TMA;
+//   - two consumer warpgroups take alternate tiles, each multiplying its 64×BN output tile with
+//     wgmma and then storing it: its accumulators go to swizzled shared-memory subtiles, which
+//     TMA stores write out as whole rows, while the other warpgroup multiplies or stores.
+// On an H200, SwishScale's gradient takes 1.58–1.67 ms here against cuBLAS's 1.80–1.85 ms. It
+// is bound by L2 (85% busy under ncu), which carries dW on its way out and dz once per strip.
+// f16 and bf16 versions of this kernel measured no faster than cuBLAS, which keeps them
+// (docs/results/h200-2026-11-22-weight-grad.txt).
+//
+// Operands: dzᵀ (n, m) and xᵀ (k, m), K-major (TF32 wgmma reads both operands along the
+// contraction), as the backward's transposed copies have them; TMA rounds the f32 values to TF32
+// on the way in, as cuBLAS's TF32 GEMMs do. Any n and k; m ≤ 128 (the contraction's tail, and
+// the tiles past n and k, are zero-filled by TMA and cut by the TMA stores); m and k multiples
+// of 4 and 16-byte aligned pointers (TMA's 16-byte row strides). Anything else is not taken,
+// and the caller runs cuBLAS.
+//
+// The schedule: the output is BN-column strips of 64-row tiles, numbered strip by strip, and CTA
+// i of G (one per SM) takes the i-th G-th of that sequence: every CTA the same number of tiles
+// to one, and a strip change or two each (which reloads the stationary operand once both
+// consumers are done with it).
+#include "common.cuh"
+#include "fused_linear.h"
+
+#if defined(FUSED_SM90)
+
+#include <cute/tensor.hpp>
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cutlass/cutlass.h>
+
+namespace fused {
+
+// Defined in linear_sm90.cu.
+namespace sm90 {
+bool usable_device(int* device, int* sm_count);
+bool aligned16(const void* p);
+}  // namespace sm90
+
+namespace weight_grad {
+
+using namespace cute;
+
+constexpr int kTileRows = 64;    // output rows per consumer tile: one wgmma row block
+constexpr int kInner = 128;      // the contraction that shared memory holds
+constexpr int kThreads = 384;    // a producer warpgroup and two consumer warpgroups
+
+// BN: output columns per strip; Stages: dz tiles in flight; EpiBuffers: staged output subtiles
+// per consumer, each of 64 rows by EpiWidth 128-byte swizzle rows.
+template <int BN, int Stages, int EpiBuffers, int EpiWidth>
+struct Config {
+  // Tile t goes to consumer t % 2 through stage t % Stages; with an even stage count every stage
+  // serves one consumer, which waits for a stage's next fill only after consuming its previous
+  // one. Shared between the consumers, a stage could be waited on two fills ahead of the one in
+  // flight, and a parity wait cannot tell those apart (with three stages it ran on unfilled
+  // tiles and failed).
+  static_assert(Stages % 2 == 0, "each pipeline stage must belong to one consumer");
+  static constexpr int strip = BN;
+  static constexpr int stages = Stages;
+  static constexpr int epi_cols = EpiWidth * 128 / int(sizeof(float));
+  static constexpr int epi_buffers = EpiBuffers;
+  using Atom = GMMA::Layout_K_SW128_Atom<tfloat32_t>;
+  using SmemLayoutA = decltype(tile_to_shape(Atom{}, Shape<Int<kTileRows>, Int<kInner>, Int<Stages>>{}));
+  using SmemLayoutB = decltype(tile_to_shape(Atom{}, Shape<Int<BN>, Int<kInner>, _1>{}));
+  // Each consumer's subtile buffers: one is filled while TMA stores the others.
+  using SmemLayoutC = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{},
+                                             Shape<Int<kTileRows>, Int<epi_cols>, Int<EpiBuffers>>{}));
+  using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<tfloat32_t, tfloat32_t, float,
+                                                                Shape<Int<kTileRows>, Int<BN>, Int<kInner>>>()));
+  static constexpr uint32_t tile_bytes = kTileRows * kInner * sizeof(float);
+  static constexpr uint32_t strip_bytes = BN * kInner * sizeof(float);
+
+  struct SharedStorage {
+    alignas(1024) ArrayEngine<tfloat32_t, cosize_v<SmemLayoutB>> b;
+    alignas(1024) ArrayEngine<tfloat32_t, cosize_v<SmemLayoutA>> a;
+    alignas(1024) ArrayEngine<float, cosize_v<SmemLayoutC>> c[2];
+    uint64_t a_full[Stages];
+    uint64_t a_empty[Stages];
+    uint64_t b_full;
+    uint64_t b_empty;
+  };
+};
+
+template <class TmaA, class TmaB, class TmaC>
+struct Params {
+  TmaA tma_a;  // dzᵀ's tiles: (n, m)
+  TmaB tma_b;  // xᵀ's strips: (k, m)
+  TmaC tma_c;  // dW's subtiles: (n, k), row-major
+  int n, k, m;
+  int row_tiles;  // ceil(n / 64)
+  int64_t tiles;  // row_tiles · ceil(k / BN), below 2^31
+};
+
+// dW (n, k) = dzᵀ·x from dz_t (n, m) and x_t (k, m).
+struct Problem {
+  const float* dz_t;
+  const float* x_t;
+  float* dw;
+  int64_t m, n, k;
+};
+
+using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
+using EmptyBarrier = cutlass::arch::ClusterBarrier;
+
+template <class C, class P>
+__global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_constant__ P p) {
+  using Storage = typename C::SharedStorage;
+  extern __shared__ __align__(1024) unsigned char shared[];
+  Storage& smem = *reinterpret_cast<Storage*>(shared);
+  Tensor sA = make_tensor(make_smem_ptr(smem.a.begin()), typename C::SmemLayoutA{});  // (64, 128, stages)
+  Tensor sB = make_tensor(make_smem_ptr(smem.b.begin()), typename C::SmemLayoutB{});  // (BN, 128, 1)
+
+  const int warp_group = cutlass::canonical_warp_group_idx();
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < C::stages; ++s) {
+      FullBarrier::init(&smem.a_full[s], 1);
+      EmptyBarrier::init(&smem.a_empty[s], cutlass::NumThreadsPerWarpGroup);  // one consumer per tile
+    }
+    FullBarrier::init(&smem.b_full, 1);
+    EmptyBarrier::init(&smem.b_empty, 2 * cutlass::NumThreadsPerWarpGroup);  // both consumers per strip
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // This CTA's run of tiles: `count` tiles from tile `first`, tile t being row tile
+  // t % row_tiles of strip t / row_tiles. It is walked strip by strip (a segment of the run
+  // each), with no 64-bit division in the loops: the producer runs on 40 registers.
+  const int first = int(int64_t(blockIdx.x) * p.tiles / gridDim.x);
+  const int count = int(int64_t(blockIdx.x + 1) * p.tiles / gridDim.x) - first;
+  const int first_strip = first / p.row_tiles, first_row = first % p.row_tiles;
+
+  if (warp_group == 0) {
+    cutlass::arch::warpgroup_reg_dealloc<40>();
+    if (threadIdx.x != 0) return;
+    Tensor gA = local_tile(p.tma_a.get_tma_tensor(make_shape(p.n, p.m)), Shape<Int<kTileRows>, Int<kInner>>{},
+                           make_coord(_, 0));  // (64, 128, row tiles)
+    Tensor gB = local_tile(p.tma_b.get_tma_tensor(make_shape(p.k, p.m)), Shape<Int<C::strip>, Int<kInner>>{},
+                           make_coord(_, 0));  // (BN, 128, strips)
+    auto [tAgA, tAsA] = tma_partition(p.tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
+    auto [tBgB, tBsB] = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
+    int stage = 0;
+    uint32_t phase = 0;
+    for (int done = 0, strip = first_strip, row = first_row, segment = 0; done < count;
+         ++strip, row = 0, ++segment) {
+      const int rows = min(p.row_tiles - row, count - done);
+      // The strip's operand replaces the previous one once both consumers are done with it.
+      if (segment > 0) EmptyBarrier::wait(&smem.b_empty, (segment - 1) & 1);
+      FullBarrier::arrive_and_expect_tx(&smem.b_full, C::strip_bytes);
+      copy(p.tma_b.with(smem.b_full), tBgB(_, strip), tBsB(_, 0));
+      for (int r = row; r < row + rows; ++r) {
+        EmptyBarrier::wait(&smem.a_empty[stage], phase ^ 1);
+        FullBarrier::arrive_and_expect_tx(&smem.a_full[stage], C::tile_bytes);
+        copy(p.tma_a.with(smem.a_full[stage]), tAgA(_, r), tAsA(_, stage));
+        if (++stage == C::stages) {
+          stage = 0;
+          phase ^= 1;
+        }
+      }
+      done += rows;
+    }
+    return;
+  }
+
+  cutlass::arch::warpgroup_reg_alloc<232>();
+  const int consumer = warp_group - 1;  // takes the run's tiles of this parity
+  const int thread = threadIdx.x - warp_group * cutlass::NumThreadsPerWarpGroup;
+  typename C::TiledMma mma;
+  auto thread_mma = mma.get_thread_slice(thread);
+  Tensor tCrA = thread_mma.make_fragment_A(thread_mma.partition_A(sA));  // (MMA, 1, k blocks, stages)
+  Tensor tCrB = thread_mma.make_fragment_B(thread_mma.partition_B(sB));  // (MMA, 1, k blocks, 1)
+  Tensor acc = partition_fragment_C(mma, Shape<Int<kTileRows>, Int<C::strip>>{});
+
+  // The output's way out: subtiles of 64 rows by epi_cols columns, staged in shared memory and
+  // written by TMA stores, which move whole rows (the threads' own stores, each covering 8
+  // rows' 32 bytes, made the kernel as slow as cuBLAS).
+  Tensor sC = make_tensor(make_smem_ptr(smem.c[consumer].begin()), typename C::SmemLayoutC{});  // (64, cols, buffers)
+  Tensor gC = local_tile(p.tma_c.get_tma_tensor(make_shape(p.n, p.k)), Shape<Int<kTileRows>, Int<C::epi_cols>>{},
+                         make_coord(_, _));  // (64, cols, row tiles, column subtiles)
+  auto [tCgC, tCsC] = tma_partition(p.tma_c, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sC), group_modes<0, 2>(gC));
+  // The accumulator's layout (wgmma's, for a 64-row tile): value 4j + 2h + e of a thread is at
+  // row 16·warp + lane/4 + 8h, column 8j + 2·(lane % 4) + e.
+  const int lane = thread % 32, row_base = 16 * (thread / 32) + lane / 4, col_base = 2 * (lane % 4);
+  const uint32_t store_barrier = 1 + consumer;  // named barrier 0 is __syncthreads
+  int buffer = 0;
+
+  for (int done = 0, strip = first_strip, row = first_row, segment = 0; done < count;
+       ++strip, row = 0, ++segment) {
+    const int rows = min(p.row_tiles - row, count - done);
+    FullBarrier::wait(&smem.b_full, segment & 1);
+    for (int r = row; r < row + rows; ++r) {
+      const int local = done + (r - row);  // the tile's place in the run
+      if ((local & 1) != consumer) continue;
+      const int stage = local % C::stages;
+      FullBarrier::wait(&smem.a_full[stage], uint32_t(local / C::stages) & 1);
+      warpgroup_fence_operand(acc);
+      warpgroup_arrive();
+      mma.accumulate_ = GMMA::ScaleOut::Zero;
+      CUTE_UNROLL
+      for (int kb = 0; kb < size<2>(tCrA); ++kb) {
+        gemm(mma, tCrA(_, _, kb, stage), tCrB(_, _, kb, 0), acc);
+        mma.accumulate_ = GMMA::ScaleOut::One;
+      }
+      warpgroup_commit_batch();
+      warpgroup_wait<0>();
+      warpgroup_fence_operand(acc);
+      EmptyBarrier::arrive(&smem.a_empty[stage]);
+
+      CUTE_UNROLL
+      for (int sub = 0; sub < C::strip / C::epi_cols; ++sub) {
+        const int subtile = strip * (C::strip / C::epi_cols) + sub;
+        if (int64_t(subtile) * C::epi_cols >= p.k) break;  // past dW's last column (uniform)
+        // The buffer's previous store must have read it before it is overwritten.
+        if (thread == 0) tma_store_wait<C::epi_buffers - 1>();
+        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, store_barrier);
+        CUTE_UNROLL
+        for (int jj = 0; jj < C::epi_cols / 8; ++jj) {
+          const int j = sub * (C::epi_cols / 8) + jj;
+          CUTE_UNROLL
+          for (int h = 0; h < 2; ++h) {
+            // The element's address through the buffer's swizzle, which TMA undoes.
+            float* at = &sC(row_base + 8 * h, 8 * jj + col_base, buffer);
+            store_pair(at, acc(4 * j + 2 * h), acc(4 * j + 2 * h + 1));
+          }
+        }
+        // The generic-proxy writes must be visible to the TMA store's async-proxy reads.
+        cutlass::arch::fence_view_async_shared();
+        cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, store_barrier);
+        if (thread == 0) {
+          copy(p.tma_c, tCsC(_, buffer), tCgC(_, r, subtile));
+          tma_store_arrive();
+        }
+        buffer = buffer + 1 == C::epi_buffers ? 0 : buffer + 1;
+      }
+    }
+    EmptyBarrier::arrive(&smem.b_empty);
+    done += rows;
+  }
+  if (thread == 0) tma_store_wait<0>();  // the stores read shared memory until they finish
+}
+
+// Builds the TMA descriptors and launches the kernel of configuration C.
+template <class C>
+cudaError_t launch(const Problem& a, int device, int sm_count, cudaStream_t stream) {
+  const int n = int(a.n), k = int(a.k), m = int(a.m);
+  // (rows, m) K-major views of the transposed copies; TMA moves them as TF32, rounding.
+  auto batch_major = [&](const float* ptr, int rows) {
+    return make_tensor(make_gmem_ptr(ptr), make_shape(rows, m), make_stride(int64_t(m), _1{}));
+  };
+  const auto tile_a = typename C::SmemLayoutA{}(_, _, 0);
+  const auto strip_b = typename C::SmemLayoutB{}(_, _, 0);
+  const auto subtile_c = typename C::SmemLayoutC{}(_, _, 0);
+  auto tma_a = make_tma_copy<tfloat32_t>(SM90_TMA_LOAD{}, batch_major(a.dz_t, n), tile_a, product_each(shape(tile_a)), _1{});
+  auto tma_b = make_tma_copy<tfloat32_t>(SM90_TMA_LOAD{}, batch_major(a.x_t, k), strip_b, product_each(shape(strip_b)), _1{});
+  auto dw = make_tensor(make_gmem_ptr(a.dw), make_shape(n, k), make_stride(int64_t(k), _1{}));
+  auto tma_c = make_tma_copy(SM90_TMA_STORE{}, dw, subtile_c, product_each(shape(subtile_c)), _1{});
+  using P = Params<decltype(tma_a), decltype(tma_b), decltype(tma_c)>;
+  const int row_tiles = int(ceil_div(n, kTileRows));
+  const P params{tma_a, tma_b, tma_c, n, k, m, row_tiles, int64_t(row_tiles) * ceil_div(k, C::strip)};
+  constexpr int smem_bytes = int(sizeof(typename C::SharedStorage));
+  FUSED_TRY(allow_dynamic_smem<weight_grad_kernel<C, P>>(smem_bytes, device));
+  const unsigned blocks = unsigned(min<int64_t>(sm_count, params.tiles));
+  weight_grad_kernel<C, P><<<blocks, kThreads, smem_bytes, stream>>>(params);
+  return cudaGetLastError();
+}
+
+// The configuration shipped, the fastest of those that scripts/sm90_tile_sweep.cu times: 128-
+// column strips (64 KB), two 32 KB dz tiles in flight and three 16 KB output subtiles per
+// consumer.
+using Shipped = Config<128, 2, 3, 2>;
+
+bool takes(const Problem& a) {
+  // TMA's 16-byte row strides: m along dzᵀ's and xᵀ's rows, k along dW's.
+  return a.m >= 1 && a.m <= kInner && a.m % 4 == 0 && a.n >= 1 && a.k >= 1 && a.k % 4 == 0 && a.n <= INT32_MAX &&
+         a.k <= INT32_MAX && ceil_div(a.n, kTileRows) * ceil_div(a.k, Shipped::strip) <= INT32_MAX &&
+         sm90::aligned16(a.dz_t) && sm90::aligned16(a.x_t) && sm90::aligned16(a.dw);
+}
+
+}  // namespace weight_grad
+
+}  // namespace fused
+
+extern "C" cudaError_t fused_weight_grad_tf32(const float* dz_t, const float* x_t, float* dw, int64_t m, int64_t n,
+                                              int64_t k, int32_t* taken, cudaStream_t stream) {
+  using namespace fused;
+  const weight_grad::Problem problem{dz_t, x_t, dw, m, n, k};
+  int device = 0, sm_count = 0;
+  *taken = 0;
+  if (!weight_grad::takes(problem) || !sm90::usable_device(&device, &sm_count)) return cudaSuccess;
+  *taken = 1;
+  return weight_grad::launch<weight_grad::Shipped>(problem, device, sm_count, stream);
+}
+
+#else  // !FUSED_SM90: built without the sm_90a target (or CUTLASS); the caller runs cuBLAS.
+
+extern "C" cudaError_t fused_weight_grad_tf32(const float*, const float*, float*, int64_t, int64_t, int64_t,
+                                              int32_t* taken, cudaStream_t) {
+  *taken = 0;
+  return cudaSuccess;
+}
+
+#endif
