@@ -11,17 +11,18 @@
 //   - two consumer warpgroups take alternate tiles, each multiplying its 64×BN output tile with
 //     wgmma and then storing it: its accumulators go to swizzled shared-memory subtiles, which
 //     TMA stores write out as whole rows, while the other warpgroup multiplies or stores.
-// On an H200, SwishScale's gradient takes 1.58–1.67 ms here against cuBLAS's 1.80–1.85 ms. It
-// is bound by L2 (85% busy under ncu), which carries dW on its way out and dz once per strip.
+// On an H200, SwishScale's gradient takes 1.57–1.58 ms here against cuBLAS's 1.81–1.84 ms
+// (scripts/sm90_tile_sweep.cu's weight-gradient part). It is bound by L2 (85% busy under ncu),
+// which carries dW on its way out and dz once per strip.
 // f16 and bf16 versions of this kernel measured no faster than cuBLAS, which keeps them
 // (docs/results/h200-2026-11-22-weight-grad.txt).
 //
 // Operands: dzᵀ (n, m) and xᵀ (k, m), K-major (TF32 wgmma reads both operands along the
 // contraction), as the backward's transposed copies have them; TMA rounds the f32 values to TF32
-// on the way in, as cuBLAS's TF32 GEMMs do. Any n and k; m ≤ 128 (the contraction's tail, and
-// the tiles past n and k, are zero-filled by TMA and cut by the TMA stores); m and k multiples
-// of 4 and 16-byte aligned pointers (TMA's 16-byte row strides). Anything else is not taken,
-// and the caller runs cuBLAS.
+// on the way in, as cuBLAS's TF32 GEMMs do. Taken: any n; k a multiple of 4; m ≤ 128, a multiple
+// of 4; 16-byte aligned pointers (TMA's 16-byte row strides). The contraction's tail and the
+// tiles past n and k are zero-filled by TMA and cut by the TMA stores. Anything else is not
+// taken, and the caller runs cuBLAS.
 //
 // The schedule: the output is BN-column strips of 64-row tiles, numbered strip by strip, and CTA
 // i of G (one per SM) takes the i-th G-th of that sequence: every CTA the same number of tiles
