@@ -48,12 +48,14 @@ __device__ __forceinline__ uint32_t to_tf32(float f) {
   return r;
 }
 
-// What TF32 tensor cores drop of x (x minus x truncated to TF32, which is what they read of an
-// f32 operand), rounded to TF32: x = big + small to 2^-22 relative. An infinite x leaves 0
-// (inf − inf would be a NaN); a NaN stays a NaN.
+// x truncated to TF32 (the low 13 mantissa bits cleared): what TF32 tensor cores read of an f32
+// operand, the "big" part of the 3xTF32 split.
+__device__ __forceinline__ float tf32_truncate(float x) { return __uint_as_float(__float_as_uint(x) & 0xffffe000u); }
+
+// What TF32 tensor cores drop of x (x minus tf32_truncate(x)), rounded to TF32: x = big + small
+// to 2^-22 relative. An infinite x leaves 0 (inf − inf would be a NaN); a NaN stays a NaN.
 __device__ __forceinline__ float tf32_remainder(float x) {
-  const float big = __uint_as_float(__float_as_uint(x) & 0xffffe000u);
-  return isinf(x) ? 0.f : __uint_as_float(to_tf32(x - big));
+  return isinf(x) ? 0.f : __uint_as_float(to_tf32(x - tf32_truncate(x)));
 }
 
 // Stores two neighbouring elements with one access; `p` must be aligned to two elements.

@@ -29,8 +29,7 @@ __global__ void split_rows_kernel(const float* in, float* out, int64_t rows, int
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += stride) {
     const int64_t r = i / m, l = i - r * m;
     const float x = in[i];
-    const float big = __uint_as_float(__float_as_uint(x) & 0xffffe000u);
-    const float small = tf32_remainder(x);
+    const float big = tf32_truncate(x), small = tf32_remainder(x);
     float* parts = out + r * 3 * m + l;
     for (int part = 0; part < 3; ++part) parts[part * m] = part == small_at ? small : big;
   }

@@ -199,10 +199,6 @@ void sweep_wide(cublasHandle_t handle, const char* precision) {
   release(a);
 }
 
-// A weight gradient dW = dzᵀ·x of SwishScale's train step, as the fused GEMM would take it from
-// the transposed copies: 32768×32768 outputs from a 128-deep contraction (the batch), no
-// epilogue. Writing dW bounds it (2.15 GB in bf16: 0.51 ms at the measured copy rate), so the
-// epilogue's stores are tried with larger subtiles too.
 // The weight-gradient kernel of configuration C on the sweep's weight-gradient problem a, whose
 // x and w are the transposed copies dzᵀ and xᵀ and whose k is the batch.
 template <class C>
@@ -223,6 +219,10 @@ void time_weight_grad_kernel(const char* name, const FusedLinearArgs& a) {
   report(name, a, ms);
 }
 
+// A weight gradient dW = dzᵀ·x of SwishScale's train step, as the fused GEMM would take it from
+// the transposed copies: 32768×32768 outputs from a 128-deep contraction (the batch), no
+// epilogue. Writing dW bounds it (2.15 GB in bf16: 0.51 ms at the measured copy rate), so the
+// epilogue's stores are tried with larger subtiles too.
 template <class T>
 void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   FusedLinearArgs a = problem<T>(32768, 32768, 128, ACT_IDENTITY, 0);
