@@ -20,4 +20,13 @@ bool linear_forward_sm90(const FusedLinearArgs& args, cudaStream_t stream, cudaE
 // layout, and the folds; then, for the exact f32 GEMM, stream-K's partial tiles and flags.
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& args);
 
+// Shared by the Hopper kernels (weight_grad_sm90.cu, input_grad_sm90.cu) to decide what they take.
+namespace sm90 {
+// Whether the current device (stored in *device) is sm_90 and runs the sm_90a code, with its
+// SM count in *sm_count.
+bool usable_device(int* device, int* sm_count);
+// Whether `p` is 16-byte aligned, as TMA needs.
+bool aligned16(const void* p);
+}  // namespace sm90
+
 }  // namespace fused

@@ -30,6 +30,7 @@
 // consumers are done with it).
 #include "common.cuh"
 #include "fused_linear.h"
+#include "linear_sm90.cuh"
 
 #if defined(FUSED_SM90)
 
@@ -39,12 +40,6 @@
 #include <cutlass/cutlass.h>
 
 namespace fused {
-
-// Defined in linear_sm90.cu.
-namespace sm90 {
-bool usable_device(int* device, int* sm_count);
-bool aligned16(const void* p);
-}  // namespace sm90
 
 namespace weight_grad {
 

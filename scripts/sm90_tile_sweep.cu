@@ -6,11 +6,14 @@
 // Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, SwishScale's at
 // 128×32768→32768 in bf16 and TF32 (the narrow-batch configuration), the weight gradient of
 // that SwishScale's train step in bf16 and TF32 (cuBLAS's in bf16; in TF32, the crate's own
-// kernel of weight_grad_sm90.cu, whose alternatives are timed too), and the exact f32
-// GEMM's two ways of sharing tiles between CTAs. Each line is the median of 40 launches after 5
+// kernel of weight_grad_sm90.cu, whose alternatives are timed too), the exact f32
+// GEMM's two ways of sharing tiles between CTAs, and the exact f32 input gradient of that
+// SwishScale's train step (the kernel of input_grad_sm90.cu in its pipeline depths, the general
+// path's transpose and GEMM, and cuBLAS). Each line is the median of 40 launches after 5
 // warm-up ones, timed by CUDA events.
 #define FUSED_SM90_PIECES_ONLY
 #include "linear_sm90.cu"
+#include "input_grad_sm90.cu"
 #include "weight_grad_sm90.cu"
 
 #include <cublas_v2.h>
@@ -61,6 +64,11 @@ using Store64x64PingPong = TileConfig<PingPong, Shape<_2, _1, _1>, Shape<cute::_
 using WeightGradStrip256 = weight_grad::Config<256, 2, 2, 1>;
 using WeightGradDeep = weight_grad::Config<128, 4, 2, 1>;
 using WeightGradManyBuffers = weight_grad::Config<128, 2, 6, 1>;
+
+// The exact f32 input-gradient kernel's alternatives (input_grad_sm90.cu): fewer stages of W's,
+// dz's and dz's remainders' tiles in flight (48 KB each; five do not fit in shared memory).
+using InputGradTwoStages = input_grad::Config<2>;
+using InputGradThreeStages = input_grad::Config<3>;
 
 // Median milliseconds of `launch` over 40 runs after 5 warm-up runs.
 template <class F>
@@ -295,7 +303,60 @@ void sweep_exact() {
   }
 }
 
-// Runs the named parts (wide, narrow, weight-grad, exact), or all of them.
+// The input-gradient kernel of configuration C on the input gradient dx = dz·W of problem a,
+// whose x is dz, w is W and y is dx (a square problem: n and k may be read either way).
+template <class C>
+void time_input_grad_kernel(const char* name, const FusedLinearArgs& a, float* dz_small) {
+  const input_grad::Problem g{static_cast<const float*>(a.x), static_cast<const float*>(a.w), static_cast<float*>(a.y),
+                              dz_small, a.m, a.k, a.n};
+  int device = 0, sm_count = 0;
+  if (!usable_device(&device, &sm_count) || !input_grad::takes(g, sm_count)) {
+    printf("  %-44s not taken\n", name);
+    return;
+  }
+  const float ms = median_ms([&] { input_grad::launch<C>(g, device, nullptr); });
+  const cudaError_t status = cudaDeviceSynchronize();
+  if (status != cudaSuccess) {
+    printf("  %-44s failed: %s\n", name, cudaGetErrorString(status));
+    return;
+  }
+  report(name, a, ms);
+}
+
+// The exact f32 input gradient dx (128, 32768) = dz (128, 32768) · W (32768, 32768) of
+// SwishScale's train step: the kernel that reads W as it lies, against the general path (W's
+// transposed copy, then the 3xTF32 GEMM from it) and cuBLAS in fp32 and in TF32.
+void sweep_input_grad(cublasHandle_t handle) {
+  FusedLinearArgs a = problem<float>(128, 32768, 32768, ACT_IDENTITY, 0);
+  cudaFree(const_cast<void*>(a.params.row[0]));
+  a.params = FusedParamRows{};
+  a.scale = 1.f;
+  a.tf32 = 0;
+  printf("exact f32 input gradient 128x32768 from W 32768x32768\n");
+  float* dz_small = random_buffer<float>(a.m * a.k, 5, 0.f);
+  time_input_grad_kernel<input_grad::Shipped>("input-grad kernel, 4 stages (shipped)", a, dz_small);
+  time_input_grad_kernel<InputGradThreeStages>("input-grad kernel, 3 stages", a, dz_small);
+  time_input_grad_kernel<InputGradTwoStages>("input-grad kernel, 2 stages", a, dz_small);
+  cudaFree(dz_small);
+  float* w_t = random_buffer<float>(a.n * a.k, 6, 0.f);
+  const float transpose_ms = median_ms([&] { fused_transpose(a.w, w_t, a.n, a.k, FUSED_F32, nullptr); });
+  cudaFree(w_t);
+  printf("  %-44s %9.1f us\n", "general path: W's transposed copy", transpose_ms * 1e3);
+  time_config<float, ExactNarrowBatch>("general path: 3xTF32 GEMM from the copy", a);
+  const float alpha = 1.f, beta = 0.f;
+  const int m = int(a.m), n = int(a.k), k = int(a.n);
+  for (const auto& [compute, name] : {std::pair{CUBLAS_COMPUTE_32F_PEDANTIC, "cuBLAS fp32"},
+                                      std::pair{CUBLAS_COMPUTE_32F_FAST_TF32, "cuBLAS TF32 (not fp32-accurate)"}}) {
+    const float ms = median_ms([&] {
+      cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, &alpha, a.w, CUDA_R_32F, k, a.x, CUDA_R_32F, n, &beta,
+                   a.y, CUDA_R_32F, k, compute, CUBLAS_GEMM_DEFAULT);
+    });
+    report(name, a, ms);
+  }
+  release(a);
+}
+
+// Runs the named parts (wide, narrow, weight-grad, exact, input-grad), or all of them.
 int sweep(int argc, char** argv) {
   cublasHandle_t handle;
   if (cublasCreate(&handle) != CUBLAS_STATUS_SUCCESS) {
@@ -322,6 +383,7 @@ int sweep(int argc, char** argv) {
     sweep_weight_grad<float>(handle, "tf32");
   }
   if (wanted("exact")) sweep_exact();
+  if (wanted("input-grad")) sweep_input_grad(handle);
   cublasDestroy(handle);
   const cudaError_t last = cudaDeviceSynchronize();
   printf("%s\n", last == cudaSuccess ? "done" : cudaGetErrorString(last));

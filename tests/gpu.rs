@@ -560,18 +560,40 @@ fn gradients_match_cpu_on_odd_shapes() {
 /// The TF32 weight gradient of a batch of at most 128 rows, which runs on the Hopper
 /// weight-gradient kernel (m and k multiples of 4), on shapes that cut its 64-row tiles and
 /// 128-column strips short and, with more tiles than SMs, give CTAs runs that cross from one
-/// strip to the next: every gradient of the swish op against the CPU's in float64.
+/// strip to the next.
 #[test]
 fn tf32_small_batch_weight_gradient_matches_float64() {
     let Some(device) = gpu() else { return };
-    let (_, precision, tol) = MODES[1];
-    assert_eq!(precision, Precision::Tf32);
-    for &(m, k, n) in &[
-        (128usize, 2052usize, 520usize),
-        (36, 1000, 257),
-        (4, 260, 1100),
-    ] {
-        let ops = batch_norm_operands(&device, (m, k, n), DType::F32);
+    let shapes = [(128, 2052, 520), (36, 1000, 257), (4, 260, 1100)];
+    swish_gradients_match_float64(&device, MODES[1], &shapes);
+}
+
+/// The exact f32 input gradient of a batch of at most 128 rows, which runs on the Hopper kernel
+/// that reads W as it lies (n and k multiples of 4, k at least 66 of its 128-column tiles): a
+/// partial batch, a single row, a contraction shorter than one stage and one that ends inside a
+/// stage, k cutting the last tile short; and, with n not a multiple of 4, a shape the kernel
+/// does not take, whose input gradient then runs on a transposed copy of W made for it.
+#[test]
+fn exact_small_batch_input_gradient_matches_float64() {
+    let Some(device) = gpu() else { return };
+    let shapes = [
+        (100, 8452, 72),
+        (1, 8452, 36),
+        (128, 8704, 4),
+        (100, 8452, 70),
+    ];
+    swish_gradients_match_float64(&device, MODES[0], &shapes);
+}
+
+/// Every gradient of the swish op in `mode` at each (m, k, n) of `shapes`, against the CPU's in
+/// float64.
+fn swish_gradients_match_float64(
+    device: &Device,
+    (dtype, precision, tol): (DType, Precision, f64),
+    shapes: &[(usize, usize, usize)],
+) {
+    for &(m, k, n) in shapes {
+        let ops = batch_norm_operands(device, (m, k, n), dtype);
         let epilogue = Epilogue::swish_scale(2.0);
         let grads =
             |t: &[Tensor], g: &Tensor| fused_grads("swish", epilogue, t, g, precision, false);
@@ -581,7 +603,7 @@ fn tf32_small_batch_weight_gradient_matches_float64() {
             let err = max_rel_error(a, b);
             assert!(
                 err <= 2.0 * tol,
-                "{m}x{k}->{n}: gradient {i} error {err:.2e}"
+                "{m}x{k}->{n} {precision:?}: gradient {i} error {err:.2e}"
             );
         }
     }
@@ -852,9 +874,10 @@ fn exact_f32_is_as_accurate_as_cublas_fp32() {
 fn exact_f32_gradients_are_as_accurate_as_cublas_fp32() {
     let Some(device) = gpu() else { return };
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
-    // The second batch's weight gradient (at most 128 rows) runs as one TF32 GEMM over split
-    // operands, the first's on the fused 3xTF32 GEMM.
-    for (m, k, n) in [(2048, 1024, 2048), (128, 1024, 2048)] {
+    // The first batch's gradients run on the fused 3xTF32 GEMM. The others (at most 128 rows)
+    // take the weight gradient as one TF32 GEMM over split operands, and the last one its input
+    // gradient on the Hopper kernel that reads W as it lies.
+    for (m, k, n) in [(2048, 1024, 2048), (128, 1024, 2048), (128, 8452, 2048)] {
         exact_gradients_against_cublas_fp32(&device, (m, k, n));
     }
 }

@@ -206,6 +206,21 @@ extern "C" {
         taken: *mut i32,
         stream: *mut c_void,
     ) -> c_int;
+    /// `dx (m, k) = dz·W` in exact f32, from `w (n, k)` as it lies, with `dz_small` an `(m, n)`
+    /// scratch for dz's TF32 remainders, on the Hopper small-batch input-gradient kernel, on
+    /// `stream`: sets `*taken` to 1 and launches it when that kernel takes the problem, or to 0
+    /// having launched nothing; returns a `cudaError_t`.
+    pub(crate) fn fused_exact_input_grad(
+        dz: *const f32,
+        w: *const f32,
+        dx: *mut f32,
+        dz_small: *mut f32,
+        m: i64,
+        n: i64,
+        k: i64,
+        taken: *mut i32,
+        stream: *mut c_void,
+    ) -> c_int;
     /// `out (rows, 3m)` = each row of `input (rows, m)` as three TF32 parts side by side, the
     /// remainder in part `small_at`, on `stream`; returns a `cudaError_t`.
     pub(crate) fn fused_split_rows_tf32(

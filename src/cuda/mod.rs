@@ -363,9 +363,10 @@ fn backward(
 /// for `dtype` and `precision`. TF32 tensor cores read both operands along the contraction: the
 /// weight gradient's runs over the batch (`dzᵀ`, `xᵀ`), the input gradient's down the columns of
 /// `W` (`Wᵀ`). Exact f32 runs both products on the fused kernels' 3xTF32 GEMM, which takes only
-/// that layout; TF32 on cuBLAS gains from the first two (0.05-0.1 ms off the 1024x8192->8192
-/// train steps on an H200) and not from `Wᵀ`, whose copy costs more than it saves; bf16 and
-/// f16 tensor cores take either layout, and the copies only cost.
+/// that layout, but for the input gradient of a batch of at most [`DIRECT_INPUT_GRAD_ROWS`]
+/// rows, which reads `W` as it lies; TF32 on cuBLAS gains from the first two (0.05-0.1 ms off
+/// the 1024x8192->8192 train steps on an H200) and not from `Wᵀ`, whose copy costs more than it
+/// saves; bf16 and f16 tensor cores take either layout, and the copies only cost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct TransposedOperands {
     /// `dzᵀ` (n, m) and `xᵀ` (k, m).
@@ -375,12 +376,13 @@ pub(crate) struct TransposedOperands {
 }
 
 impl TransposedOperands {
-    /// The copies that the backward products of `dtype` in `precision` take.
-    pub(crate) fn of(dtype: DType, precision: Precision) -> Self {
+    /// The copies that the backward products of a batch of `m` rows of `dtype` in `precision`
+    /// take.
+    pub(crate) fn of(dtype: DType, precision: Precision, m: usize) -> Self {
         let f32 = dtype == DType::F32;
         TransposedOperands {
             batch: f32,
-            weight: f32 && precision == Precision::Exact,
+            weight: f32 && precision == Precision::Exact && m > DIRECT_INPUT_GRAD_ROWS,
         }
     }
 }
@@ -479,9 +481,11 @@ pub(crate) struct BackwardOperands<'a> {
 /// the arithmetic that the dtype and `precision` ask for, whatever Candle's global
 /// reduced-precision switches say:
 /// - exact f32: the fused kernels' fp32-accurate 3xTF32 GEMM (`dx = dz·(Wᵀ)ᵀ`, `dW =
-///   dzᵀ·(xᵀ)ᵀ`, from the transposed copies, which it needs), but for the weight gradient of a
-///   batch of at most 128 rows, the same split as one TF32 cuBLAS GEMM over split operands
-///   laid side by side ([`exact_weight_grad_from_split`]), which is faster there;
+///   dzᵀ·(xᵀ)ᵀ`, from the transposed copies, which it needs; `Wᵀ` is made here when not
+///   given), but for a batch of at most 128 rows: the input gradient on the Hopper kernel that
+///   reads `W` as it lies ([`exact_input_grad_direct`]) when it takes the problem, and the
+///   weight gradient as one TF32 cuBLAS GEMM over split operands laid side by side
+///   ([`exact_weight_grad_from_split`]), both faster there;
 /// - TF32: cuBLAS on TF32 tensor cores, the weight gradient from `dzᵀ` and `xᵀ` when given,
 ///   and then, for a batch of at most 128 rows on an sm_90 device, on the crate's own kernel
 ///   (`cuda-kernels/weight_grad_sm90.cu`), which is faster there;
@@ -501,8 +505,8 @@ pub(crate) fn linear_input_and_weight_grads(
     } = *operands;
     let dtype = operand_dtype(OP, &[("grad", dz.0), ("x", x.0), ("w", w.0)])?;
     if dtype == DType::F32 && precision == Precision::Exact {
-        let (Some((dz_t, x_t)), Some(w_t)) = (batch_major, w_t) else {
-            bail!("{OP}: exact f32 needs the transposed copies of dz, x and w");
+        let Some((dz_t, x_t)) = batch_major else {
+            bail!("{OP}: exact f32 needs the transposed copies of dz and x");
         };
         let product = |a: Operand, b: Operand, (rows, cols, inner)| -> Result<CudaStorage> {
             let problem = LinearProblem {
@@ -522,7 +526,17 @@ pub(crate) fn linear_input_and_weight_grads(
         } else {
             product(dz_t, x_t, (n, k, m))?
         };
-        return Ok((product(dz, w_t, (m, k, n))?, dw));
+        let direct = if m <= DIRECT_INPUT_GRAD_ROWS {
+            exact_input_grad_direct(dz, w, (m, n, k))?
+        } else {
+            None
+        };
+        let dx = match (direct, w_t) {
+            (Some(dx), _) => dx,
+            (None, Some(w_t)) => product(dz, w_t, (m, k, n))?,
+            (None, None) => product(dz, (&transpose(w, (n, k))?, 0), (m, k, n))?,
+        };
+        return Ok((dx, dw));
     }
     cublas_input_and_weight_grads(operands, (m, n, k), dtype)
 }
@@ -608,6 +622,54 @@ fn cublas_input_and_weight_grads(
         }
     }
     Ok((dx, dw))
+}
+
+/// Batches of at most this many rows take the exact f32 input gradient from `W` as it lies
+/// ([`exact_input_grad_direct`]), without a transposed copy.
+const DIRECT_INPUT_GRAD_ROWS: usize = 128;
+
+/// The exact f32 input gradient `dx (m, k) = dz·W` of a batch of at most 128 rows on the Hopper
+/// kernel of `cuda-kernels/input_grad_sm90.cu`, which reads `w (n, k)` as it lies, or `None`
+/// when that kernel does not take the problem (another device, a shape or an alignment it does
+/// not take). Its scratch, dz's TF32 remainders (`m·n` f32 elements), is freed when it returns.
+fn exact_input_grad_direct(
+    dz: Operand,
+    w: Operand,
+    (m, n, k): (usize, usize, usize),
+) -> Result<Option<CudaStorage>> {
+    const OP: &str = "exact f32 input gradient";
+    let dev = dz.0.device().clone();
+    let stream = dev.cuda_stream();
+    let mut dz_small = alloc(&dev, DType::F32, m * n)?;
+    let mut dx = alloc(&dev, DType::F32, m * k)?;
+    let mut taken = 0i32;
+    {
+        bind(&stream, OP)?;
+        let (dzp, _gdz) = input_ptr(dz.0, dz.1, m * n, &stream, "grad")?;
+        let (wp, _gw) = input_ptr(w.0, w.1, n * k, &stream, "w")?;
+        let (smallp, _gs) = output_ptr(&mut dz_small, &stream)?;
+        let (dxp, _gdx) = output_ptr(&mut dx, &stream)?;
+        // SAFETY: the pointers are live device allocations of the extents above (dz and
+        // dz_small m·n elements, w n·k, dx m·k), ordered on candle's stream by the guards; the
+        // kernels run on that stream and write only dz_small and dx.
+        check(
+            unsafe {
+                ffi::fused_exact_input_grad(
+                    dzp as *const f32,
+                    wp as *const f32,
+                    dxp as *mut f32,
+                    smallp as *mut f32,
+                    m as i64,
+                    n as i64,
+                    k as i64,
+                    &mut taken,
+                    stream.cu_stream() as *mut c_void,
+                )
+            },
+            "fused_exact_input_grad",
+        )?;
+    }
+    Ok((taken != 0).then_some(dx))
 }
 
 /// Batches of at most this many rows take the exact f32 weight gradient as one TF32 GEMM over

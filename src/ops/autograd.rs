@@ -107,7 +107,7 @@ pub(super) fn input_and_weight_grads(
         Device::Cuda(_) => {
             use crate::cuda::{BackwardOperands, TransposedOperands};
             let ((m, n), k) = (dz.dims2()?, x.dim(1)?);
-            let wanted = TransposedOperands::of(dz.dtype(), precision);
+            let wanted = TransposedOperands::of(dz.dtype(), precision, m);
             let copy = |wanted: bool, t: &Tensor| wanted.then(|| cuda_transposed(t)).transpose();
             let (dz_t, x_t) = (copy(wanted.batch, dz)?, copy(wanted.batch, x)?);
             let w_t = copy(wanted.weight, w)?;

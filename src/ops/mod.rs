@@ -34,8 +34,10 @@
 //! **What the backward allocates for a moment.** Tensor-core products read f32 operands along
 //! the contraction, so on the GPU the f32 backward makes transposed copies, freed when it
 //! returns: `dzᵀ` and `xᵀ` (batch-sized) in TF32 and exact f32, and in exact f32 also `Wᵀ`, one
-//! more weight-sized buffer, and for a batch of at most 128 rows the split copies of `dzᵀ` and
-//! `xᵀ` (three times their size).
+//! more weight-sized buffer. For a batch of at most 128 rows, exact f32 instead makes the split
+//! copies of `dzᵀ` and `xᵀ` (three times their size) and dz's TF32 remainders (its size), and
+//! makes `Wᵀ` only where the Hopper kernel that reads `W` as it lies does not take the input
+//! gradient (another GPU, or a shape it does not take).
 
 mod autograd;
 mod batch_norm;
