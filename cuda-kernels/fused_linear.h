@@ -108,13 +108,13 @@ cudaError_t fused_transpose(const void* in, void* out, int64_t rows, int64_t col
 cudaError_t fused_weight_grad_tf32(const float* dz_t, const float* x_t, float* dw, int64_t m, int64_t n, int64_t k,
                                    int32_t* taken, cudaStream_t stream);
 
-// dx (m, k) = dz (m, n) · W (n, k) in exact f32, from W as it lies, on the Hopper kernel for a
-// batch of at most 128 rows (input_grad_sm90.cu); dz_small (m, n) receives dz's TF32 remainders.
-// Sets *taken to 1 and launches it when that kernel takes the problem (an sm_90 device, and the
-// shapes and alignments listed there); sets *taken to 0 and launches nothing otherwise, and the
-// caller computes dx another way.
-cudaError_t fused_exact_input_grad(const float* dz, const float* w, float* dx, float* dz_small, int64_t m, int64_t n,
-                                   int64_t k, int32_t* taken, cudaStream_t stream);
+// dx (m, k) = dz (m, n) · W (n, k) in exact f32 (tf32 = 0) or TF32, from W as it lies, on the
+// Hopper kernel for a batch of at most 128 rows (input_grad_sm90.cu); dz_part (m, n) is its
+// scratch for dz's TF32 remainders or rounded values. Sets *taken to 1 and launches it when that
+// kernel takes the problem (an sm_90 device, and the shapes and alignments listed there); sets
+// *taken to 0 and launches nothing otherwise, and the caller computes dx another way.
+cudaError_t fused_input_grad_f32(const float* dz, const float* w, float* dx, float* dz_part, int64_t m, int64_t n,
+                                 int64_t k, int32_t tf32, int32_t* taken, cudaStream_t stream);
 
 // out (rows, 3m) = each row of in (rows, m) as three TF32 parts side by side: the TF32 remainder
 // in part small_at (0, 1 or 2), the value truncated to TF32 in the other two; the operands of the

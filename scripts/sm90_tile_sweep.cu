@@ -65,10 +65,13 @@ using WeightGradStrip256 = weight_grad::Config<256, 2, 2, 1>;
 using WeightGradDeep = weight_grad::Config<128, 4, 2, 1>;
 using WeightGradManyBuffers = weight_grad::Config<128, 2, 6, 1>;
 
-// The exact f32 input-gradient kernel's alternatives (input_grad_sm90.cu): fewer stages of W's,
-// dz's and dz's remainders' tiles in flight (48 KB each; five do not fit in shared memory).
-using InputGradTwoStages = input_grad::Config<2>;
-using InputGradThreeStages = input_grad::Config<3>;
+// The input-gradient kernel's alternatives (input_grad_sm90.cu): other numbers of stages in
+// flight (W's and dz's tiles, and in exact f32 dz's remainders': 48 KB a stage in exact f32, 32 KB
+// in TF32; five and eight do not fit in shared memory).
+using InputGradExact2 = input_grad::Config<2, true>;
+using InputGradExact3 = input_grad::Config<3, true>;
+using InputGradTf32x4 = input_grad::Config<4, false>;
+using InputGradTf32x7 = input_grad::Config<7, false>;
 
 // Median milliseconds of `launch` over 40 runs after 5 warm-up runs.
 template <class F>
@@ -306,9 +309,9 @@ void sweep_exact() {
 // The input-gradient kernel of configuration C on the input gradient dx = dz·W of problem a,
 // whose x is dz, w is W and y is dx (a square problem: n and k may be read either way).
 template <class C>
-void time_input_grad_kernel(const char* name, const FusedLinearArgs& a, float* dz_small) {
+void time_input_grad_kernel(const char* name, const FusedLinearArgs& a, float* dz_part) {
   const input_grad::Problem g{static_cast<const float*>(a.x), static_cast<const float*>(a.w), static_cast<float*>(a.y),
-                              dz_small, a.m, a.k, a.n};
+                              dz_part, a.m, a.k, a.n};
   int device = 0, sm_count = 0;
   if (!usable_device(&device, &sm_count) || !input_grad::takes(g, sm_count)) {
     printf("  %-44s not taken\n", name);
@@ -323,30 +326,34 @@ void time_input_grad_kernel(const char* name, const FusedLinearArgs& a, float* d
   report(name, a, ms);
 }
 
-// The exact f32 input gradient dx (128, 32768) = dz (128, 32768) · W (32768, 32768) of
-// SwishScale's train step: the kernel that reads W as it lies, against the general path (W's
-// transposed copy, then the 3xTF32 GEMM from it) and cuBLAS in fp32 and in TF32.
+// The f32 input gradient dx (128, 32768) = dz (128, 32768) · W (32768, 32768) of SwishScale's
+// train step: the kernel that reads W as it lies, in exact f32 against the general path (W's
+// transposed copy, then the 3xTF32 GEMM from it) and cuBLAS fp32, and in TF32 against cuBLAS
+// TF32.
 void sweep_input_grad(cublasHandle_t handle) {
   FusedLinearArgs a = problem<float>(128, 32768, 32768, ACT_IDENTITY, 0);
   cudaFree(const_cast<void*>(a.params.row[0]));
   a.params = FusedParamRows{};
   a.scale = 1.f;
   a.tf32 = 0;
-  printf("exact f32 input gradient 128x32768 from W 32768x32768\n");
-  float* dz_small = random_buffer<float>(a.m * a.k, 5, 0.f);
-  time_input_grad_kernel<input_grad::Shipped>("input-grad kernel, 4 stages (shipped)", a, dz_small);
-  time_input_grad_kernel<InputGradThreeStages>("input-grad kernel, 3 stages", a, dz_small);
-  time_input_grad_kernel<InputGradTwoStages>("input-grad kernel, 2 stages", a, dz_small);
-  cudaFree(dz_small);
+  printf("f32 input gradient 128x32768 from W 32768x32768\n");
+  float* dz_part = random_buffer<float>(a.m * a.k, 5, 0.f);
+  time_input_grad_kernel<input_grad::ShippedExact>("exact: input-grad kernel, 4 stages (shipped)", a, dz_part);
+  time_input_grad_kernel<InputGradExact3>("exact: input-grad kernel, 3 stages", a, dz_part);
+  time_input_grad_kernel<InputGradExact2>("exact: input-grad kernel, 2 stages", a, dz_part);
+  time_input_grad_kernel<input_grad::ShippedTf32>("TF32: input-grad kernel, 6 stages (shipped)", a, dz_part);
+  time_input_grad_kernel<InputGradTf32x4>("TF32: input-grad kernel, 4 stages", a, dz_part);
+  time_input_grad_kernel<InputGradTf32x7>("TF32: input-grad kernel, 7 stages", a, dz_part);
+  cudaFree(dz_part);
   float* w_t = random_buffer<float>(a.n * a.k, 6, 0.f);
   const float transpose_ms = median_ms([&] { fused_transpose(a.w, w_t, a.n, a.k, FUSED_F32, nullptr); });
   cudaFree(w_t);
-  printf("  %-44s %9.1f us\n", "general path: W's transposed copy", transpose_ms * 1e3);
-  time_config<float, ExactNarrowBatch>("general path: 3xTF32 GEMM from the copy", a);
+  printf("  %-44s %9.1f us\n", "exact: general path, W's transposed copy", transpose_ms * 1e3);
+  time_config<float, ExactNarrowBatch>("exact: general path, 3xTF32 GEMM from it", a);
   const float alpha = 1.f, beta = 0.f;
   const int m = int(a.m), n = int(a.k), k = int(a.n);
-  for (const auto& [compute, name] : {std::pair{CUBLAS_COMPUTE_32F_PEDANTIC, "cuBLAS fp32"},
-                                      std::pair{CUBLAS_COMPUTE_32F_FAST_TF32, "cuBLAS TF32 (not fp32-accurate)"}}) {
+  for (const auto& [compute, name] : {std::pair{CUBLAS_COMPUTE_32F_PEDANTIC, "exact: cuBLAS fp32"},
+                                      std::pair{CUBLAS_COMPUTE_32F_FAST_TF32, "TF32: cuBLAS TF32"}}) {
     const float ms = median_ms([&] {
       cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, &alpha, a.w, CUDA_R_32F, k, a.x, CUDA_R_32F, n, &beta,
                    a.y, CUDA_R_32F, k, compute, CUBLAS_GEMM_DEFAULT);

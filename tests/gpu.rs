@@ -557,32 +557,36 @@ fn gradients_match_cpu_on_odd_shapes() {
     }
 }
 
-/// The TF32 weight gradient of a batch of at most 128 rows, which runs on the Hopper
-/// weight-gradient kernel (m and k multiples of 4), on shapes that cut its 64-row tiles and
-/// 128-column strips short and, with more tiles than SMs, give CTAs runs that cross from one
-/// strip to the next.
+/// Shapes (m, k, n) whose input gradient runs on the Hopper kernel that reads W as it lies (n
+/// and k multiples of 4, k at least 66 of its 128-column tiles): a partial batch, a single row,
+/// a contraction shorter than one stage and one that ends inside a stage, k cutting the last
+/// tile short; and, with n not a multiple of 4, a shape the kernel does not take, whose input
+/// gradient then runs on the general path (in exact f32 on a transposed copy of W made for it).
+const DIRECT_INPUT_GRAD_SHAPES: [(usize, usize, usize); 4] = [
+    (100, 8452, 72),
+    (1, 8452, 36),
+    (128, 8704, 4),
+    (100, 8452, 70),
+];
+
+/// The TF32 gradients of a batch of at most 128 rows: the input gradient on the Hopper kernel
+/// that reads W as it lies, and the weight gradient on the Hopper weight-gradient kernel (m and
+/// k multiples of 4), on shapes that cut its 64-row tiles and 128-column strips short and, with
+/// more tiles than SMs, give CTAs runs that cross from one strip to the next.
 #[test]
-fn tf32_small_batch_weight_gradient_matches_float64() {
+fn tf32_small_batch_gradients_match_float64() {
     let Some(device) = gpu() else { return };
     let shapes = [(128, 2052, 520), (36, 1000, 257), (4, 260, 1100)];
     swish_gradients_match_float64(&device, MODES[1], &shapes);
+    swish_gradients_match_float64(&device, MODES[1], &DIRECT_INPUT_GRAD_SHAPES);
 }
 
-/// The exact f32 input gradient of a batch of at most 128 rows, which runs on the Hopper kernel
-/// that reads W as it lies (n and k multiples of 4, k at least 66 of its 128-column tiles): a
-/// partial batch, a single row, a contraction shorter than one stage and one that ends inside a
-/// stage, k cutting the last tile short; and, with n not a multiple of 4, a shape the kernel
-/// does not take, whose input gradient then runs on a transposed copy of W made for it.
+/// The exact f32 input gradient of a batch of at most 128 rows, on the Hopper kernel that reads
+/// W as it lies.
 #[test]
 fn exact_small_batch_input_gradient_matches_float64() {
     let Some(device) = gpu() else { return };
-    let shapes = [
-        (100, 8452, 72),
-        (1, 8452, 36),
-        (128, 8704, 4),
-        (100, 8452, 70),
-    ];
-    swish_gradients_match_float64(&device, MODES[0], &shapes);
+    swish_gradients_match_float64(&device, MODES[0], &DIRECT_INPUT_GRAD_SHAPES);
 }
 
 /// Every gradient of the swish op in `mode` at each (m, k, n) of `shapes`, against the CPU's in

@@ -206,18 +206,19 @@ extern "C" {
         taken: *mut i32,
         stream: *mut c_void,
     ) -> c_int;
-    /// `dx (m, k) = dz·W` in exact f32, from `w (n, k)` as it lies, with `dz_small` an `(m, n)`
-    /// scratch for dz's TF32 remainders, on the Hopper small-batch input-gradient kernel, on
+    /// `dx (m, k) = dz·W` in exact f32 (`tf32 == 0`) or TF32, from `w (n, k)` as it lies, with
+    /// `dz_part` an `(m, n)` scratch, on the Hopper small-batch input-gradient kernel, on
     /// `stream`: sets `*taken` to 1 and launches it when that kernel takes the problem, or to 0
     /// having launched nothing; returns a `cudaError_t`.
-    pub(crate) fn fused_exact_input_grad(
+    pub(crate) fn fused_input_grad_f32(
         dz: *const f32,
         w: *const f32,
         dx: *mut f32,
-        dz_small: *mut f32,
+        dz_part: *mut f32,
         m: i64,
         n: i64,
         k: i64,
+        tf32: i32,
         taken: *mut i32,
         stream: *mut c_void,
     ) -> c_int;

@@ -483,12 +483,13 @@ pub(crate) struct BackwardOperands<'a> {
 /// - exact f32: the fused kernels' fp32-accurate 3xTF32 GEMM (`dx = dz·(Wᵀ)ᵀ`, `dW =
 ///   dzᵀ·(xᵀ)ᵀ`, from the transposed copies, which it needs; `Wᵀ` is made here when not
 ///   given), but for a batch of at most 128 rows: the input gradient on the Hopper kernel that
-///   reads `W` as it lies ([`exact_input_grad_direct`]) when it takes the problem, and the
+///   reads `W` as it lies ([`input_grad_direct`]) when it takes the problem, and the
 ///   weight gradient as one TF32 cuBLAS GEMM over split operands laid side by side
 ///   ([`exact_weight_grad_from_split`]), both faster there;
-/// - TF32: cuBLAS on TF32 tensor cores, the weight gradient from `dzᵀ` and `xᵀ` when given,
-///   and then, for a batch of at most 128 rows on an sm_90 device, on the crate's own kernel
-///   (`cuda-kernels/weight_grad_sm90.cu`), which is faster there;
+/// - TF32: cuBLAS on TF32 tensor cores, the weight gradient from `dzᵀ` and `xᵀ` when given;
+///   for a batch of at most 128 rows on an sm_90 device, both products on the crate's own
+///   kernels where they take the problem (the input gradient on [`input_grad_direct`]'s, the
+///   weight gradient on `cuda-kernels/weight_grad_sm90.cu`'s), which are faster there;
 /// - f16 and bf16: cuBLAS with f32 accumulation.
 pub(crate) fn linear_input_and_weight_grads(
     operands: &BackwardOperands,
@@ -527,7 +528,7 @@ pub(crate) fn linear_input_and_weight_grads(
             product(dz_t, x_t, (n, k, m))?
         };
         let direct = if m <= DIRECT_INPUT_GRAD_ROWS {
-            exact_input_grad_direct(dz, w, (m, n, k))?
+            input_grad_direct(dz, w, (m, n, k), precision)?
         } else {
             None
         };
@@ -542,7 +543,7 @@ pub(crate) fn linear_input_and_weight_grads(
 }
 
 /// [`linear_input_and_weight_grads`] for TF32 (f32), f16 and bf16: on cuBLAS, but for TF32's
-/// small-batch weight gradient.
+/// small-batch products.
 fn cublas_input_and_weight_grads(
     operands: &BackwardOperands,
     (m, n, k): (usize, usize, usize),
@@ -564,7 +565,16 @@ fn cublas_input_and_weight_grads(
     let dev = dz.0.device().clone();
     let stream = dev.cuda_stream();
     let gemm = Gemm::of(&dev, dtype, OP);
-    let mut dx = alloc(&dev, dtype, m * k)?;
+    let direct_dx = if dtype == DType::F32 && m <= DIRECT_INPUT_GRAD_ROWS {
+        input_grad_direct(dz, w, (m, n, k), Precision::Tf32)?
+    } else {
+        None
+    };
+    let dx_on_cublas = direct_dx.is_none();
+    let mut dx = match direct_dx {
+        Some(dx) => dx,
+        None => alloc(&dev, dtype, m * k)?,
+    };
     let mut dw = alloc(&dev, dtype, n * k)?;
     {
         bind(&stream, OP)?;
@@ -583,8 +593,10 @@ fn cublas_input_and_weight_grads(
         // SAFETY (every product below): the pointers are live device allocations of the
         // extents checked above, and the guards order the accesses on candle's stream, which
         // the handle runs on.
-        // dxᵀ (k, m) = Wᵀ (k, n) · dzᵀ (n, m).
-        unsafe { gemm.run((ki, mi, ni), (false, wp, ki), (false, dzp, ni), dxp) }?;
+        // dxᵀ (k, m) = Wᵀ (k, n) · dzᵀ (n, m), unless the direct kernel computed dx.
+        if dx_on_cublas {
+            unsafe { gemm.run((ki, mi, ni), (false, wp, ki), (false, dzp, ni), dxp) }?;
+        }
         // dW: in TF32 from a batch of at most 128 rows, on the crate's Hopper kernel when it
         // takes the problem.
         let taken = match &k_major {
@@ -624,49 +636,52 @@ fn cublas_input_and_weight_grads(
     Ok((dx, dw))
 }
 
-/// Batches of at most this many rows take the exact f32 input gradient from `W` as it lies
-/// ([`exact_input_grad_direct`]), without a transposed copy.
+/// Batches of at most this many rows take the f32 input gradient from `W` as it lies
+/// ([`input_grad_direct`]), without a transposed copy (exact f32) or cuBLAS (TF32).
 const DIRECT_INPUT_GRAD_ROWS: usize = 128;
 
-/// The exact f32 input gradient `dx (m, k) = dz·W` of a batch of at most 128 rows on the Hopper
-/// kernel of `cuda-kernels/input_grad_sm90.cu`, which reads `w (n, k)` as it lies, or `None`
-/// when that kernel does not take the problem (another device, a shape or an alignment it does
-/// not take). Its scratch, dz's TF32 remainders (`m·n` f32 elements), is freed when it returns.
-fn exact_input_grad_direct(
+/// The f32 input gradient `dx (m, k) = dz·W` of a batch of at most 128 rows, in exact f32 or
+/// TF32 as `precision` says, on the Hopper kernel of `cuda-kernels/input_grad_sm90.cu`, which
+/// reads `w (n, k)` as it lies; or `None` when that kernel does not take the problem (another
+/// device, a shape or an alignment it does not take). Its scratch, dz's TF32 remainders or
+/// rounded values (`m·n` f32 elements), is freed when it returns.
+fn input_grad_direct(
     dz: Operand,
     w: Operand,
     (m, n, k): (usize, usize, usize),
+    precision: Precision,
 ) -> Result<Option<CudaStorage>> {
-    const OP: &str = "exact f32 input gradient";
+    const OP: &str = "f32 input gradient";
     let dev = dz.0.device().clone();
     let stream = dev.cuda_stream();
-    let mut dz_small = alloc(&dev, DType::F32, m * n)?;
+    let mut dz_part = alloc(&dev, DType::F32, m * n)?;
     let mut dx = alloc(&dev, DType::F32, m * k)?;
     let mut taken = 0i32;
     {
         bind(&stream, OP)?;
         let (dzp, _gdz) = input_ptr(dz.0, dz.1, m * n, &stream, "grad")?;
         let (wp, _gw) = input_ptr(w.0, w.1, n * k, &stream, "w")?;
-        let (smallp, _gs) = output_ptr(&mut dz_small, &stream)?;
+        let (partp, _gp) = output_ptr(&mut dz_part, &stream)?;
         let (dxp, _gdx) = output_ptr(&mut dx, &stream)?;
         // SAFETY: the pointers are live device allocations of the extents above (dz and
-        // dz_small m·n elements, w n·k, dx m·k), ordered on candle's stream by the guards; the
-        // kernels run on that stream and write only dz_small and dx.
+        // dz_part m·n elements, w n·k, dx m·k), ordered on candle's stream by the guards; the
+        // kernels run on that stream and write only dz_part and dx.
         check(
             unsafe {
-                ffi::fused_exact_input_grad(
+                ffi::fused_input_grad_f32(
                     dzp as *const f32,
                     wp as *const f32,
                     dxp as *mut f32,
-                    smallp as *mut f32,
+                    partp as *mut f32,
                     m as i64,
                     n as i64,
                     k as i64,
+                    i32::from(precision == Precision::Tf32),
                     &mut taken,
                     stream.cu_stream() as *mut c_void,
                 )
             },
-            "fused_exact_input_grad",
+            "fused_input_grad_f32",
         )?;
     }
     Ok((taken != 0).then_some(dx))

@@ -37,7 +37,8 @@
 //! more weight-sized buffer. For a batch of at most 128 rows, exact f32 instead makes the split
 //! copies of `dzᵀ` and `xᵀ` (three times their size) and dz's TF32 remainders (its size), and
 //! makes `Wᵀ` only where the Hopper kernel that reads `W` as it lies does not take the input
-//! gradient (another GPU, or a shape it does not take).
+//! gradient (another GPU, or a shape it does not take); TF32 adds dz rounded to TF32 (its size)
+//! for that kernel.
 
 mod autograd;
 mod batch_norm;
