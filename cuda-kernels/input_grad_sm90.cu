@@ -12,9 +12,9 @@
 // them into TF32 parts on the way. dz, whose rows do run along the contraction, is wgmma's B
 // operand, as it lies. The batch is wgmma's N, so one CTA covers all of it and W is read once.
 // Each consumer loads the next stage's A fragment while the tensor cores work on this stage's.
-// On an H200, SwishScale's input gradient takes 2.2 ms here in exact f32 (the transposed copy
-// and the 3xTF32 GEMM took 2.4 + 3.4 ms, cuBLAS fp32 5.7 ms) and 1.12 ms in TF32 (cuBLAS TF32
-// 1.32-1.38 ms).
+// On an H200, SwishScale's input gradient takes 2.0 ms here in exact f32 (the transposed copy
+// and the 3xTF32 GEMM take 2.4 + 3.4 ms, cuBLAS fp32 5.2 ms) and 1.1 ms in TF32 (cuBLAS TF32
+// 1.36 ms): scripts/sm90_tile_sweep.cu's input-grad part.
 //
 // Exact f32 is the 3xTF32 split of split_tf32_sm90.cuh: small_w·big_dz + big_w·small_dz +
 // big_w·big_dz, big being the value truncated to TF32 (as tensor cores read an f32) and small the
