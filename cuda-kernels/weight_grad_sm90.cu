@@ -11,9 +11,8 @@
 //   - two consumer warpgroups take alternate tiles, each multiplying its 64×BN output tile with
 //     wgmma and then storing it: its accumulators go to swizzled shared-memory subtiles, which
 //     TMA stores write out as whole rows, while the other warpgroup multiplies or stores.
-// On an H200, SwishScale's gradient takes 1.57–1.58 ms here against cuBLAS's 1.81–1.84 ms
-// (scripts/sm90_tile_sweep.cu's weight-gradient part). It is bound by L2 (85% busy under ncu),
-// which carries dW on its way out and dz once per strip.
+// On an H200, SwishScale's gradient takes 1.16 ms here against cuBLAS's 1.81–1.84 ms; what sets
+// its pace is under "The schedule" below.
 // f16 and bf16 versions of this kernel measured no faster than cuBLAS, which keeps them
 // (docs/results/h200-2026-11-22-weight-grad.txt).
 //
@@ -24,10 +23,18 @@
 // tiles past n and k are zero-filled by TMA and cut by the TMA stores. Anything else is not
 // taken, and the caller runs cuBLAS.
 //
-// The schedule: the output is BN-column strips of 64-row tiles, numbered strip by strip, and CTA
-// i of G (one per SM) takes the i-th G-th of that sequence: every CTA the same number of tiles
-// to one, and a strip change or two each (which reloads the stationary operand once both
-// consumers are done with it).
+// The schedule: the output is BN-column strips of 64-row tiles, each strip cut into `parts`
+// bands of rows. Unit u is band u / strips of strip u % strips, and CTA i of G (one per SM) takes
+// units i, i + G, ...: the CTAs in flight work on neighbouring strips of one band, so that
+// together they write whole stretches of dW's rows and read the same dz tiles at about the same
+// time. Each unit starts by loading its strip's stationary operand, once both consumers are done
+// with the last one. `parts` (chosen at launch) is 1 unless more bands spread the units over the
+// CTAs markedly more evenly: 1 for SwishScale's gradient (256 strips on 132 SMs). On an H200 this
+// order took SwishScale's gradient from 1.57 to 1.16 ms against the order before it, which gave
+// each CTA one contiguous run of tiles, strip by strip: with the CTAs spread over the whole of dW,
+// each writing 512-byte pieces of rows far apart, dW went out at 2.7 TB/s, where a plain write
+// kernel reaches 4.2 TB/s. The stores, not the products, set the pace (that order took 1.62 ms
+// without the products, 0.50 ms without the stores).
 #include "common.cuh"
 #include "fused_linear.h"
 #include "linear_sm90.cuh"
@@ -92,7 +99,9 @@ struct Params {
   TmaC tma_c;  // dW's subtiles: (n, k), row-major
   int n, k, m;
   int row_tiles;  // ceil(n / 64)
-  int64_t tiles;  // row_tiles · ceil(k / BN), below 2^31
+  int strips;     // ceil(k / BN)
+  int parts;      // bands per strip
+  int units;      // strips · parts
 };
 
 // dW (n, k) = dzᵀ·x from dz_t (n, m) and x_t (k, m).
@@ -126,12 +135,9 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
   }
   __syncthreads();
 
-  // This CTA's run of tiles: `count` tiles from tile `first`, tile t being row tile
-  // t % row_tiles of strip t / row_tiles. It is walked strip by strip (a segment of the run
-  // each), with no 64-bit division in the loops: the producer runs on 40 registers.
-  const int first = int(int64_t(blockIdx.x) * p.tiles / gridDim.x);
-  const int count = int(int64_t(blockIdx.x + 1) * p.tiles / gridDim.x) - first;
-  const int first_strip = first / p.row_tiles, first_row = first % p.row_tiles;
+  // Band b of a strip is its row tiles [band_start(b), band_start(b + 1)): one 64-bit product
+  // per band, none per tile (the producer runs on 40 registers).
+  const auto band_start = [&](int band) { return int(int64_t(band) * p.row_tiles / p.parts); };
 
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<40>();
@@ -144,14 +150,13 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
     auto [tBgB, tBsB] = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
     int stage = 0;
     uint32_t phase = 0;
-    for (int done = 0, strip = first_strip, row = first_row, segment = 0; done < count;
-         ++strip, row = 0, ++segment) {
-      const int rows = min(p.row_tiles - row, count - done);
+    for (int unit = blockIdx.x, segment = 0; unit < p.units; unit += gridDim.x, ++segment) {
+      const int strip = unit % p.strips, band = unit / p.strips;
       // The strip's operand replaces the previous one once both consumers are done with it.
       if (segment > 0) EmptyBarrier::wait(&smem.b_empty, (segment - 1) & 1);
       FullBarrier::arrive_and_expect_tx(&smem.b_full, C::strip_bytes);
       copy(p.tma_b.with(smem.b_full), tBgB(_, strip), tBsB(_, 0));
-      for (int r = row; r < row + rows; ++r) {
+      for (int r = band_start(band), end = band_start(band + 1); r < end; ++r) {
         EmptyBarrier::wait(&smem.a_empty[stage], phase ^ 1);
         FullBarrier::arrive_and_expect_tx(&smem.a_full[stage], C::tile_bytes);
         copy(p.tma_a.with(smem.a_full[stage]), tAgA(_, r), tAsA(_, stage));
@@ -160,13 +165,12 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
           phase ^= 1;
         }
       }
-      done += rows;
     }
     return;
   }
 
   cutlass::arch::warpgroup_reg_alloc<232>();
-  const int consumer = warp_group - 1;  // takes the run's tiles of this parity
+  const int consumer = warp_group - 1;  // takes the CTA's tiles of this parity
   const int thread = threadIdx.x - warp_group * cutlass::NumThreadsPerWarpGroup;
   typename C::TiledMma mma;
   auto thread_mma = mma.get_thread_slice(thread);
@@ -187,12 +191,12 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
   const uint32_t store_barrier = 1 + consumer;  // named barrier 0 is __syncthreads
   int buffer = 0;
 
-  for (int done = 0, strip = first_strip, row = first_row, segment = 0; done < count;
-       ++strip, row = 0, ++segment) {
-    const int rows = min(p.row_tiles - row, count - done);
+  for (int unit = blockIdx.x, segment = 0, local = 0; unit < p.units; unit += gridDim.x, ++segment) {
+    const int strip = unit % p.strips, band = unit / p.strips;
     FullBarrier::wait(&smem.b_full, segment & 1);
-    for (int r = row; r < row + rows; ++r) {
-      const int local = done + (r - row);  // the tile's place in the run
+    // `local` numbers the CTA's tiles: tile `local` goes to consumer local % 2, through stage
+    // local % stages.
+    for (int r = band_start(band), end = band_start(band + 1); r < end; ++r, ++local) {
       if ((local & 1) != consumer) continue;
       const int stage = local % C::stages;
       FullBarrier::wait(&smem.a_full[stage], uint32_t(local / C::stages) & 1);
@@ -237,9 +241,25 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
       }
     }
     EmptyBarrier::arrive(&smem.b_empty);
-    done += rows;
   }
   if (thread == 0) tma_store_wait<0>();  // the stores read shared memory until they finish
+}
+
+// The bands per strip. The busiest CTA's row tiles are ceil(units / ctas) bands of
+// row_tiles / parts; but every band reloads the strip's operand and drains the pipeline first,
+// so a power of two up to 64 (and at most row_tiles) replaces 1 only where it cuts the busiest
+// CTA's rows by a tenth or more.
+inline int bands_per_strip(int row_tiles, int strips, int ctas) {
+  int best = 1;
+  double best_rows = double(ceil_div(int64_t(strips), int64_t(ctas))) * row_tiles;
+  for (int parts = 2; parts <= 64 && parts <= row_tiles; parts *= 2) {
+    const double rows = double(ceil_div(int64_t(strips) * parts, int64_t(ctas))) * row_tiles / parts;
+    if (rows <= 0.9 * best_rows) {
+      best = parts;
+      best_rows = rows;
+    }
+  }
+  return best;
 }
 
 // Builds the TMA descriptors and launches the kernel of configuration C.
@@ -258,11 +278,12 @@ cudaError_t launch(const Problem& a, int device, int sm_count, cudaStream_t stre
   auto dw = make_tensor(make_gmem_ptr(a.dw), make_shape(n, k), make_stride(int64_t(k), _1{}));
   auto tma_c = make_tma_copy(SM90_TMA_STORE{}, dw, subtile_c, product_each(shape(subtile_c)), _1{});
   using P = Params<decltype(tma_a), decltype(tma_b), decltype(tma_c)>;
-  const int row_tiles = int(ceil_div(n, kTileRows));
-  const P params{tma_a, tma_b, tma_c, n, k, m, row_tiles, int64_t(row_tiles) * ceil_div(k, C::strip)};
+  const int row_tiles = int(ceil_div(n, kTileRows)), strips = int(ceil_div(k, C::strip));
+  const int parts = bands_per_strip(row_tiles, strips, sm_count);
+  const P params{tma_a, tma_b, tma_c, n, k, m, row_tiles, strips, parts, strips * parts};
   constexpr int smem_bytes = int(sizeof(typename C::SharedStorage));
   FUSED_TRY(allow_dynamic_smem<weight_grad_kernel<C, P>>(smem_bytes, device));
-  const unsigned blocks = unsigned(min<int64_t>(sm_count, params.tiles));
+  const unsigned blocks = unsigned(min(sm_count, params.units));
   weight_grad_kernel<C, P><<<blocks, kThreads, smem_bytes, stream>>>(params);
   return cudaGetLastError();
 }
@@ -275,7 +296,7 @@ using Shipped = Config<128, 2, 3, 2>;
 bool takes(const Problem& a) {
   // TMA's 16-byte row strides: m along dzᵀ's and xᵀ's rows, k along dW's.
   return a.m >= 1 && a.m <= kInner && a.m % 4 == 0 && a.n >= 1 && a.k >= 1 && a.k % 4 == 0 && a.n <= INT32_MAX &&
-         a.k <= INT32_MAX && ceil_div(a.n, kTileRows) * ceil_div(a.k, Shipped::strip) <= INT32_MAX &&
+         a.k <= INT32_MAX && ceil_div(a.n, kTileRows) * ceil_div(a.k, Shipped::strip) <= INT32_MAX / 2 &&
          sm90::aligned16(a.dz_t) && sm90::aligned16(a.x_t) && sm90::aligned16(a.dw);
 }
 

@@ -571,12 +571,18 @@ const DIRECT_INPUT_GRAD_SHAPES: [(usize, usize, usize); 4] = [
 
 /// The TF32 gradients of a batch of at most 128 rows: the input gradient on the Hopper kernel
 /// that reads W as it lies, and the weight gradient on the Hopper weight-gradient kernel (m and
-/// k multiples of 4), on shapes that cut its 64-row tiles and 128-column strips short and, with
-/// more tiles than SMs, give CTAs runs that cross from one strip to the next.
+/// k multiples of 4), on shapes that cut its 64-row tiles and 128-column strips short, cut its
+/// strips into bands of rows of unequal sizes, and (with more strips than SMs) give CTAs several
+/// bands in turn.
 #[test]
 fn tf32_small_batch_gradients_match_float64() {
     let Some(device) = gpu() else { return };
-    let shapes = [(128, 2052, 520), (36, 1000, 257), (4, 260, 1100)];
+    let shapes = [
+        (128, 2052, 520),
+        (36, 1000, 257),
+        (4, 260, 1100),
+        (4, 17028, 200),
+    ];
     swish_gradients_match_float64(&device, MODES[1], &shapes);
     swish_gradients_match_float64(&device, MODES[1], &DIRECT_INPUT_GRAD_SHAPES);
 }
