@@ -13,8 +13,8 @@
 //     TMA stores write out as whole rows, while the other warpgroup multiplies or stores.
 // On an H200, SwishScale's gradient takes 1.16 ms here against cuBLAS's 1.81–1.84 ms; what sets
 // its pace is under "The schedule" below.
-// f16 and bf16 versions of this kernel measured no faster than cuBLAS, which keeps them
-// (docs/results/h200-2026-11-22-weight-grad.txt).
+// f16 and bf16 versions of this kernel, in the order of tiles before the current one, measured
+// no faster than cuBLAS, which keeps them (docs/results/h200-2026-11-22-weight-grad.txt).
 //
 // Operands: dzᵀ (n, m) and xᵀ (k, m), K-major (TF32 wgmma reads both operands along the
 // contraction), as the backward's transposed copies have them; TMA rounds the f32 values to TF32
