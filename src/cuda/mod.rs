@@ -527,12 +527,7 @@ pub(crate) fn linear_input_and_weight_grads(
         } else {
             product(dz_t, x_t, (n, k, m))?
         };
-        let direct = if m <= DIRECT_INPUT_GRAD_ROWS {
-            input_grad_direct(dz, w, (m, n, k), precision)?
-        } else {
-            None
-        };
-        let dx = match (direct, w_t) {
+        let dx = match (input_grad_direct(dz, w, (m, n, k), precision)?, w_t) {
             (Some(dx), _) => dx,
             (None, Some(w_t)) => product(dz, w_t, (m, k, n))?,
             (None, None) => product(dz, (&transpose(w, (n, k))?, 0), (m, k, n))?,
@@ -565,7 +560,7 @@ fn cublas_input_and_weight_grads(
     let dev = dz.0.device().clone();
     let stream = dev.cuda_stream();
     let gemm = Gemm::of(&dev, dtype, OP);
-    let direct_dx = if dtype == DType::F32 && m <= DIRECT_INPUT_GRAD_ROWS {
+    let direct_dx = if dtype == DType::F32 {
         input_grad_direct(dz, w, (m, n, k), Precision::Tf32)?
     } else {
         None
@@ -640,11 +635,12 @@ fn cublas_input_and_weight_grads(
 /// ([`input_grad_direct`]), without a transposed copy (exact f32) or cuBLAS (TF32).
 const DIRECT_INPUT_GRAD_ROWS: usize = 128;
 
-/// The f32 input gradient `dx (m, k) = dz·W` of a batch of at most 128 rows, in exact f32 or
-/// TF32 as `precision` says, on the Hopper kernel of `cuda-kernels/input_grad_sm90.cu`, which
-/// reads `w (n, k)` as it lies; or `None` when that kernel does not take the problem (another
-/// device, a shape or an alignment it does not take). Its scratch, dz's TF32 remainders or
-/// rounded values (`m·n` f32 elements), is freed when it returns.
+/// The f32 input gradient `dx (m, k) = dz·W` of a batch of at most [`DIRECT_INPUT_GRAD_ROWS`]
+/// rows, in exact f32 or TF32 as `precision` says, on the Hopper kernel of
+/// `cuda-kernels/input_grad_sm90.cu`, which reads `w (n, k)` as it lies; or `None` when that
+/// kernel does not take the problem: a larger batch (checked here, before anything is
+/// allocated), another device, a shape or an alignment it does not take. Its scratch, dz's TF32
+/// remainders or rounded values (`m·n` f32 elements), is freed when it returns.
 fn input_grad_direct(
     dz: Operand,
     w: Operand,
@@ -652,6 +648,9 @@ fn input_grad_direct(
     precision: Precision,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "f32 input gradient";
+    if m > DIRECT_INPUT_GRAD_ROWS {
+        return Ok(None);
+    }
     let dev = dz.0.device().clone();
     let stream = dev.cuda_stream();
     let mut dz_part = alloc(&dev, DType::F32, m * n)?;
