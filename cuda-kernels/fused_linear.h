@@ -108,6 +108,12 @@ cudaError_t fused_transpose(const void* in, void* out, int64_t rows, int64_t col
 cudaError_t fused_weight_grad_tf32(const float* dz_t, const float* x_t, float* dw, int64_t m, int64_t n, int64_t k,
                                    int32_t* taken, cudaStream_t stream);
 
+// dW (n, k) = dzᵀ·x in f16 or bf16 (`dtype`, a FusedDType other than FUSED_F32) with f32
+// accumulation, from dz (m, n) and x (m, k) as they lie, on the same Hopper kernel. *taken as for
+// fused_weight_grad_tf32; an f32 `dtype` is cudaErrorInvalidValue.
+cudaError_t fused_weight_grad_16bit(const void* dz, const void* x, void* dw, int64_t m, int64_t n, int64_t k,
+                                    int32_t dtype, int32_t* taken, cudaStream_t stream);
+
 // dx (m, k) = dz (m, n) · W (n, k) in exact f32 (tf32 = 0) or TF32, from W as it lies, on the
 // Hopper kernel for a batch of at most 128 rows (input_grad_sm90.cu); dz_part (m, n) is its
 // scratch for dz's TF32 remainders or rounded values. Sets *taken to 1 and launches it when that

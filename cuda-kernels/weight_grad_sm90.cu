@@ -1,25 +1,27 @@
-// The Hopper (sm_90a) TF32 weight gradient of a small batch: dW (n, k) = dzᵀ·x, the
-// contraction running over the batch's m ≤ 128 rows.
+// The Hopper (sm_90a) weight gradient of a small batch, in TF32, f16 or bf16: dW (n, k) = dzᵀ·x,
+// the contraction running over the batch's m ≤ 128 rows.
 //
 // Why its own kernel: a GEMM whose contraction is that short spends its time moving dW, not
-// multiplying (SwishScale's 32768×32768 f32 gradient is 4.3 GB to write from 0.27 TFLOP of
-// products). A general GEMM loads both operand tiles for every output tile; here each CTA keeps
-// one operand in shared memory for its whole run and streams only the other:
+// multiplying (SwishScale's 32768×32768 gradient is 4.3 GB to write in f32, 2.1 GB in bf16, from
+// 0.27 TFLOP of products). A general GEMM loads both operand tiles for every output tile; here
+// each CTA keeps one operand in shared memory for its whole run and streams only the other:
 //   - x's rows for a strip of BN output columns stay in shared memory (the contraction fits: at
 //     most 128 deep), loaded once per strip;
 //   - a producer warp streams dz's 64-row tiles through a pipeline by TMA;
 //   - two consumer warpgroups take alternate tiles, each multiplying its 64×BN output tile with
 //     wgmma and then storing it: its accumulators go to swizzled shared-memory subtiles, which
 //     TMA stores write out as whole rows, while the other warpgroup multiplies or stores.
-// On an H200, SwishScale's gradient takes 1.16 ms here against cuBLAS's 1.81–1.84 ms; what sets
-// its pace is under "The schedule" below.
-// f16 and bf16 versions of this kernel, in the order of tiles before the current one, measured
-// no faster than cuBLAS, which keeps them (docs/results/h200-2026-11-22-weight-grad.txt).
+// On an H200, SwishScale's TF32 gradient takes 1.16 ms here against cuBLAS's 1.81–1.84 ms; what
+// sets its pace is under "The schedule" below.
 //
-// Operands: dzᵀ (n, m) and xᵀ (k, m), K-major (TF32 wgmma reads both operands along the
-// contraction), as the backward's transposed copies have them; TMA rounds the f32 values to TF32
-// on the way in, as cuBLAS's TF32 GEMMs do. Taken: any n; k a multiple of 4; m ≤ 128, a multiple
-// of 4; 16-byte aligned pointers (TMA's 16-byte row strides). The contraction's tail and the
+// Operands (`Operands<T>` below):
+//   - TF32: dzᵀ (n, m) and xᵀ (k, m), K-major (TF32 wgmma reads both operands along the
+//     contraction), as the backward's transposed copies have them; TMA rounds the f32 values to
+//     TF32 on the way in, as cuBLAS's TF32 GEMMs do. Taken: m a multiple of 4 and k a multiple
+//     of 4 (TMA's 16-byte row strides along m and along dW's rows).
+//   - f16 and bf16: dz (m, n) and x (m, k) as they lie, MN-major (16-bit wgmma reads either
+//     layout), so no transposed copies. Taken: n and k multiples of 8 (the rows' 16 bytes).
+// Both: any n and k otherwise, m ≤ 128, 16-byte aligned pointers. The contraction's tail and the
 // tiles past n and k are zero-filled by TMA and cut by the TMA stores. Anything else is not
 // taken, and the caller runs cuBLAS.
 //
@@ -30,11 +32,11 @@
 // time. Each unit starts by loading its strip's stationary operand, once both consumers are done
 // with the last one. `parts` (chosen at launch) is 1 unless more bands spread the units over the
 // CTAs markedly more evenly: 1 for SwishScale's gradient (256 strips on 132 SMs). On an H200 this
-// order took SwishScale's gradient from 1.57 to 1.16 ms against the order before it, which gave
-// each CTA one contiguous run of tiles, strip by strip: with the CTAs spread over the whole of dW,
-// each writing 512-byte pieces of rows far apart, dW went out at 2.7 TB/s, where a plain write
-// kernel reaches 4.2 TB/s. The stores, not the products, set the pace (that order took 1.62 ms
-// without the products, 0.50 ms without the stores).
+// order took SwishScale's TF32 gradient from 1.57 to 1.16 ms against the order before it, which
+// gave each CTA one contiguous run of tiles, strip by strip: with the CTAs spread over the whole
+// of dW, each writing 512-byte pieces of rows far apart, dW went out at 2.7 TB/s, where a plain
+// write kernel reaches 4.2 TB/s. The stores, not the products, set the pace (that order took
+// 1.62 ms without the products, 0.50 ms without the stores).
 #include "common.cuh"
 #include "fused_linear.h"
 #include "linear_sm90.cuh"
@@ -56,9 +58,36 @@ constexpr int kTileRows = 64;    // output rows per consumer tile: one wgmma row
 constexpr int kInner = 128;      // the contraction that shared memory holds
 constexpr int kThreads = 384;    // a producer warpgroup and two consumer warpgroups
 
-// BN: output columns per strip; Stages: dz tiles in flight; EpiBuffers: staged output subtiles
-// per consumer, each of 64 rows by EpiWidth 128-byte swizzle rows.
-template <int BN, int Stages, int EpiBuffers, int EpiWidth>
+// How the kernel reads and writes elements of type T: `Smem` is the operands' type in shared
+// memory, `Out` dW's; `mn_major` says whether the operands run along dW's rows and columns (the
+// originals dz and x) or along the contraction (the transposed copies); `Atom` is the wgmma
+// swizzle atom of that layout. `row_align` is the multiple of elements that a row stride of the
+// operands in global memory must be for TMA (16 bytes).
+template <class T>
+struct Operands;
+template <>
+struct Operands<float> {
+  using Smem = tfloat32_t;
+  using Out = float;
+  static constexpr bool mn_major = false;
+  using Atom = GMMA::Layout_K_SW128_Atom<Smem>;
+};
+// f16 and bf16, as CuTe's type S.
+template <class S>
+struct SixteenBitOperands {
+  using Smem = S;
+  using Out = S;
+  static constexpr bool mn_major = true;
+  using Atom = GMMA::Layout_MN_SW128_Atom<Smem>;
+};
+template <>
+struct Operands<__half> : SixteenBitOperands<half_t> {};
+template <>
+struct Operands<__nv_bfloat16> : SixteenBitOperands<bfloat16_t> {};
+
+// T: the element type; BN: output columns per strip; Stages: dz tiles in flight; EpiBuffers:
+// staged output subtiles per consumer, each of 64 rows by EpiWidth 128-byte swizzle rows.
+template <class T, int BN, int Stages, int EpiBuffers, int EpiWidth>
 struct Config {
   // Tile t goes to consumer t % 2 through stage t % Stages; with an even stage count every stage
   // serves one consumer, which waits for a stage's next fill only after consuming its previous
@@ -66,25 +95,32 @@ struct Config {
   // flight, and a parity wait cannot tell those apart (with three stages it ran on unfilled
   // tiles and failed).
   static_assert(Stages % 2 == 0, "each pipeline stage must belong to one consumer");
+  using Element = T;
+  using Smem = typename Operands<T>::Smem;
+  using Out = typename Operands<T>::Out;
+  static constexpr bool mn_major = Operands<T>::mn_major;
+  static constexpr GMMA::Major major = mn_major ? GMMA::Major::MN : GMMA::Major::K;
   static constexpr int strip = BN;
   static constexpr int stages = Stages;
-  static constexpr int epi_cols = EpiWidth * 128 / int(sizeof(float));
+  static constexpr int epi_cols = EpiWidth * 128 / int(sizeof(Out));
   static constexpr int epi_buffers = EpiBuffers;
-  using Atom = GMMA::Layout_K_SW128_Atom<tfloat32_t>;
-  using SmemLayoutA = decltype(tile_to_shape(Atom{}, Shape<Int<kTileRows>, Int<kInner>, Int<Stages>>{}));
-  using SmemLayoutB = decltype(tile_to_shape(Atom{}, Shape<Int<BN>, Int<kInner>, _1>{}));
+  // MN-major atoms are stacked along the contraction first, as CUTLASS's collectives do.
+  using Order = conditional_t<mn_major, Step<_2, _1, _3>, Step<_1, _2, _3>>;
+  using Atom = typename Operands<T>::Atom;
+  using SmemLayoutA = decltype(tile_to_shape(Atom{}, Shape<Int<kTileRows>, Int<kInner>, Int<Stages>>{}, Order{}));
+  using SmemLayoutB = decltype(tile_to_shape(Atom{}, Shape<Int<BN>, Int<kInner>, _1>{}, Order{}));
   // Each consumer's subtile buffers: one is filled while TMA stores the others.
-  using SmemLayoutC = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<float>{},
+  using SmemLayoutC = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Out>{},
                                              Shape<Int<kTileRows>, Int<epi_cols>, Int<EpiBuffers>>{}));
-  using TiledMma = decltype(make_tiled_mma(GMMA::ss_op_selector<tfloat32_t, tfloat32_t, float,
-                                                                Shape<Int<kTileRows>, Int<BN>, Int<kInner>>>()));
-  static constexpr uint32_t tile_bytes = kTileRows * kInner * sizeof(float);
-  static constexpr uint32_t strip_bytes = BN * kInner * sizeof(float);
+  using TiledMma = decltype(make_tiled_mma(
+      GMMA::ss_op_selector<Smem, Smem, float, Shape<Int<kTileRows>, Int<BN>, Int<kInner>>, major, major>()));
+  static constexpr uint32_t tile_bytes = kTileRows * kInner * sizeof(Smem);
+  static constexpr uint32_t strip_bytes = BN * kInner * sizeof(Smem);
 
   struct SharedStorage {
-    alignas(1024) ArrayEngine<tfloat32_t, cosize_v<SmemLayoutB>> b;
-    alignas(1024) ArrayEngine<tfloat32_t, cosize_v<SmemLayoutA>> a;
-    alignas(1024) ArrayEngine<float, cosize_v<SmemLayoutC>> c[2];
+    alignas(1024) ArrayEngine<Smem, cosize_v<SmemLayoutB>> b;
+    alignas(1024) ArrayEngine<Smem, cosize_v<SmemLayoutA>> a;
+    alignas(1024) ArrayEngine<Out, cosize_v<SmemLayoutC>> c[2];
     uint64_t a_full[Stages];
     uint64_t a_empty[Stages];
     uint64_t b_full;
@@ -94,8 +130,8 @@ struct Config {
 
 template <class TmaA, class TmaB, class TmaC>
 struct Params {
-  TmaA tma_a;  // dzᵀ's tiles: (n, m)
-  TmaB tma_b;  // xᵀ's strips: (k, m)
+  TmaA tma_a;  // dz's tiles: (n, m)
+  TmaB tma_b;  // x's strips: (k, m)
   TmaC tma_c;  // dW's subtiles: (n, k), row-major
   int n, k, m;
   int row_tiles;  // ceil(n / 64)
@@ -104,11 +140,13 @@ struct Params {
   int units;      // strips · parts
 };
 
-// dW (n, k) = dzᵀ·x from dz_t (n, m) and x_t (k, m).
+// dW (n, k) = dzᵀ·x of elements of type T, from dz and x laid out as Operands<T> says: dz_t
+// (n, m) and x_t (k, m) for TF32, dz (m, n) and x (m, k) for f16 and bf16.
+template <class T>
 struct Problem {
-  const float* dz_t;
-  const float* x_t;
-  float* dw;
+  const T* dz;
+  const T* x;
+  T* dw;
   int64_t m, n, k;
 };
 
@@ -226,7 +264,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
           CUTE_UNROLL
           for (int h = 0; h < 2; ++h) {
             // The element's address through the buffer's swizzle, which TMA undoes.
-            float* at = &sC(row_base + 8 * h, 8 * jj + col_base, buffer);
+            auto* at = reinterpret_cast<typename C::Element*>(&sC(row_base + 8 * h, 8 * jj + col_base, buffer));
             store_pair(at, acc(4 * j + 2 * h), acc(4 * j + 2 * h + 1));
           }
         }
@@ -264,18 +302,26 @@ inline int bands_per_strip(int row_tiles, int strips, int ctas) {
 
 // Builds the TMA descriptors and launches the kernel of configuration C.
 template <class C>
-cudaError_t launch(const Problem& a, int device, int sm_count, cudaStream_t stream) {
+cudaError_t launch(const Problem<typename C::Element>& a, int device, int sm_count, cudaStream_t stream) {
+  using Smem = typename C::Smem;
+  using Out = typename C::Out;
   const int n = int(a.n), k = int(a.k), m = int(a.m);
-  // (rows, m) K-major views of the transposed copies; TMA moves them as TF32, rounding.
-  auto batch_major = [&](const float* ptr, int rows) {
-    return make_tensor(make_gmem_ptr(ptr), make_shape(rows, m), make_stride(int64_t(m), _1{}));
+  // (rows, m) views of an operand: of the originals (m, rows), contiguous along the rows, or of
+  // the transposed copies (rows, m), contiguous along the contraction.
+  auto operand = [&](const void* ptr, int rows) {
+    const auto gmem = make_gmem_ptr(static_cast<const Smem*>(ptr));
+    if constexpr (C::mn_major) {
+      return make_tensor(gmem, make_shape(rows, m), make_stride(_1{}, int64_t(rows)));
+    } else {
+      return make_tensor(gmem, make_shape(rows, m), make_stride(int64_t(m), _1{}));
+    }
   };
   const auto tile_a = typename C::SmemLayoutA{}(_, _, 0);
   const auto strip_b = typename C::SmemLayoutB{}(_, _, 0);
   const auto subtile_c = typename C::SmemLayoutC{}(_, _, 0);
-  auto tma_a = make_tma_copy<tfloat32_t>(SM90_TMA_LOAD{}, batch_major(a.dz_t, n), tile_a, product_each(shape(tile_a)), _1{});
-  auto tma_b = make_tma_copy<tfloat32_t>(SM90_TMA_LOAD{}, batch_major(a.x_t, k), strip_b, product_each(shape(strip_b)), _1{});
-  auto dw = make_tensor(make_gmem_ptr(a.dw), make_shape(n, k), make_stride(int64_t(k), _1{}));
+  auto tma_a = make_tma_copy(SM90_TMA_LOAD{}, operand(a.dz, n), tile_a, product_each(shape(tile_a)), _1{});
+  auto tma_b = make_tma_copy(SM90_TMA_LOAD{}, operand(a.x, k), strip_b, product_each(shape(strip_b)), _1{});
+  auto dw = make_tensor(make_gmem_ptr(reinterpret_cast<Out*>(a.dw)), make_shape(n, k), make_stride(int64_t(k), _1{}));
   auto tma_c = make_tma_copy(SM90_TMA_STORE{}, dw, subtile_c, product_each(shape(subtile_c)), _1{});
   using P = Params<decltype(tma_a), decltype(tma_b), decltype(tma_c)>;
   const int row_tiles = int(ceil_div(n, kTileRows)), strips = int(ceil_div(k, C::strip));
@@ -288,16 +334,38 @@ cudaError_t launch(const Problem& a, int device, int sm_count, cudaStream_t stre
   return cudaGetLastError();
 }
 
-// The configuration shipped, the fastest of those that scripts/sm90_tile_sweep.cu times: 128-
-// column strips (64 KB), two 32 KB dz tiles in flight and three 16 KB output subtiles per
-// consumer.
-using Shipped = Config<128, 2, 3, 2>;
+// The configurations shipped, the fastest of those that scripts/sm90_tile_sweep.cu times. TF32:
+// 128-column strips (64 KB), two 32 KB dz tiles in flight and three 16 KB output subtiles per
+// consumer. f16 and bf16: SHIPPED16_NOTE
+template <class T>
+struct Shipped {
+  using type = Config<T, 256, 2, 3, 2>;
+};
+template <>
+struct Shipped<float> {
+  using type = Config<float, 128, 2, 3, 2>;
+};
 
-bool takes(const Problem& a) {
-  // TMA's 16-byte row strides: m along dzᵀ's and xᵀ's rows, k along dW's.
-  return a.m >= 1 && a.m <= kInner && a.m % 4 == 0 && a.n >= 1 && a.k >= 1 && a.k % 4 == 0 && a.n <= INT32_MAX &&
-         a.k <= INT32_MAX && ceil_div(a.n, kTileRows) * ceil_div(a.k, Shipped::strip) <= INT32_MAX / 2 &&
-         sm90::aligned16(a.dz_t) && sm90::aligned16(a.x_t) && sm90::aligned16(a.dw);
+template <class T>
+bool takes(const Problem<T>& a) {
+  using C = typename Shipped<T>::type;
+  // TMA's 16-byte row strides: along dW's rows (k), and along the operands' rows (m for the
+  // transposed copies, n and k for the originals).
+  constexpr int64_t align = 16 / int64_t(sizeof(T));
+  const bool strides = C::mn_major ? a.n % align == 0 && a.k % align == 0 : a.m % align == 0 && a.k % align == 0;
+  return a.m >= 1 && a.m <= kInner && a.n >= 1 && a.k >= 1 && strides && a.n <= INT32_MAX && a.k <= INT32_MAX &&
+         ceil_div(a.n, kTileRows) * ceil_div(a.k, C::strip) <= INT32_MAX / 2 && sm90::aligned16(a.dz) &&
+         sm90::aligned16(a.x) && sm90::aligned16(a.dw);
+}
+
+// Launches the shipped configuration for `problem` and sets *taken when the kernel takes it.
+template <class T>
+cudaError_t run(const Problem<T>& problem, int32_t* taken, cudaStream_t stream) {
+  int device = 0, sm_count = 0;
+  *taken = 0;
+  if (!takes(problem) || !sm90::usable_device(&device, &sm_count)) return cudaSuccess;
+  *taken = 1;
+  return launch<typename Shipped<T>::type>(problem, device, sm_count, stream);
 }
 
 }  // namespace weight_grad
@@ -306,19 +374,37 @@ bool takes(const Problem& a) {
 
 extern "C" cudaError_t fused_weight_grad_tf32(const float* dz_t, const float* x_t, float* dw, int64_t m, int64_t n,
                                               int64_t k, int32_t* taken, cudaStream_t stream) {
-  using namespace fused;
-  const weight_grad::Problem problem{dz_t, x_t, dw, m, n, k};
-  int device = 0, sm_count = 0;
-  *taken = 0;
-  if (!weight_grad::takes(problem) || !sm90::usable_device(&device, &sm_count)) return cudaSuccess;
-  *taken = 1;
-  return weight_grad::launch<weight_grad::Shipped>(problem, device, sm_count, stream);
+  return fused::weight_grad::run(fused::weight_grad::Problem<float>{dz_t, x_t, dw, m, n, k}, taken, stream);
+}
+
+extern "C" cudaError_t fused_weight_grad_16bit(const void* dz, const void* x, void* dw, int64_t m, int64_t n,
+                                               int64_t k, int32_t dtype, int32_t* taken, cudaStream_t stream) {
+  using namespace fused::weight_grad;
+  switch (dtype) {
+    case FUSED_F16:
+      return run(Problem<__half>{static_cast<const __half*>(dz), static_cast<const __half*>(x), static_cast<__half*>(dw),
+                                 m, n, k},
+                 taken, stream);
+    case FUSED_BF16:
+      return run(Problem<__nv_bfloat16>{static_cast<const __nv_bfloat16*>(dz), static_cast<const __nv_bfloat16*>(x),
+                                        static_cast<__nv_bfloat16*>(dw), m, n, k},
+                 taken, stream);
+    default:
+      *taken = 0;
+      return cudaErrorInvalidValue;
+  }
 }
 
 #else  // !FUSED_SM90: built without the sm_90a target (or CUTLASS); the caller runs cuBLAS.
 
 extern "C" cudaError_t fused_weight_grad_tf32(const float*, const float*, float*, int64_t, int64_t, int64_t,
                                               int32_t* taken, cudaStream_t) {
+  *taken = 0;
+  return cudaSuccess;
+}
+
+extern "C" cudaError_t fused_weight_grad_16bit(const void*, const void*, void*, int64_t, int64_t, int64_t, int32_t,
+                                               int32_t* taken, cudaStream_t) {
   *taken = 0;
   return cudaSuccess;
 }

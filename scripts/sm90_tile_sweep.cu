@@ -5,8 +5,8 @@
 //
 // Problems: SigmoidResidual's epilogue at 1024×8192→8192 in bf16 and TF32, SwishScale's at
 // 128×32768→32768 in bf16 and TF32 (the narrow-batch configuration), the weight gradient of
-// that SwishScale's train step in bf16 and TF32 (cuBLAS's in bf16; in TF32, the crate's own
-// kernel of weight_grad_sm90.cu, whose alternatives are timed too), the exact f32
+// that SwishScale's train step in bf16 and TF32 (cuBLAS's, CUTLASS's and the crate's own kernel
+// of weight_grad_sm90.cu with its alternatives), the exact f32
 // GEMM's two ways of sharing tiles between CTAs, and the exact f32 input gradient of that
 // SwishScale's train step (the kernel of input_grad_sm90.cu in its pipeline depths, the general
 // path's transpose and GEMM, and cuBLAS). Each line is the median of 40 launches after 5
@@ -59,11 +59,30 @@ using Store128x64Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1,
 using Store128x32Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_32>, 128>;
 using Store64x64PingPong = TileConfig<PingPong, Shape<_2, _1, _1>, Shape<cute::_64, cute::_64>, 128>;
 
-// The TF32 weight-gradient kernel's alternatives (weight_grad_sm90.cu): strip width, dz tiles in
-// flight, output subtiles per consumer and their width in 128-byte rows.
-using WeightGradStrip256 = weight_grad::Config<256, 2, 2, 1>;
-using WeightGradDeep = weight_grad::Config<128, 4, 2, 1>;
-using WeightGradManyBuffers = weight_grad::Config<128, 2, 6, 1>;
+// The weight-gradient kernel's alternatives (weight_grad_sm90.cu): strip width, dz tiles in
+// flight, output subtiles per consumer and their width in 128-byte rows. TF32:
+using WeightGradStrip256 = weight_grad::Config<float, 256, 2, 2, 1>;
+using WeightGradDeep = weight_grad::Config<float, 128, 4, 2, 1>;
+using WeightGradManyBuffers = weight_grad::Config<float, 128, 2, 6, 1>;
+// f16 and bf16:
+template <class T>
+using WeightGrad16Strip128 = weight_grad::Config<T, 128, 2, 3, 2>;
+template <class T>
+using WeightGrad16Strip128Deep = weight_grad::Config<T, 128, 4, 3, 2>;
+template <class T>
+using WeightGrad16Deep = weight_grad::Config<T, 256, 4, 2, 2>;
+template <class T>
+using WeightGrad16Narrow = weight_grad::Config<T, 256, 2, 4, 1>;
+template <class T>
+using WeightGrad16Deep3 = weight_grad::Config<T, 256, 4, 3, 2>;
+template <class T>
+using WeightGrad16Deeper = weight_grad::Config<T, 256, 6, 2, 2>;
+template <class T>
+using WeightGrad16DeepNarrow = weight_grad::Config<T, 256, 4, 4, 1>;
+template <class T>
+using WeightGrad16DeeperNarrow = weight_grad::Config<T, 256, 6, 3, 1>;
+template <class T>
+using WeightGrad16Wide = weight_grad::Config<T, 256, 2, 2, 4>;
 
 // The input-gradient kernel's alternatives (input_grad_sm90.cu): other numbers of stages in
 // flight (W's and dz's tiles, and in exact f32 dz's remainders': 48 KB a stage in exact f32, 32 KB
@@ -210,12 +229,14 @@ void sweep_wide(cublasHandle_t handle, const char* precision) {
   release(a);
 }
 
-// The weight-gradient kernel of configuration C on the sweep's weight-gradient problem a, whose
-// x and w are the transposed copies dzᵀ and xᵀ and whose k is the batch.
+// The weight-gradient kernel of configuration C on the sweep's weight-gradient problem a, whose k
+// is the batch: its x and w are the transposed copies dzᵀ and xᵀ in TF32, and, of the same
+// sizes, dz and x as they lie in f16 and bf16.
 template <class C>
 void time_weight_grad_kernel(const char* name, const FusedLinearArgs& a) {
-  const weight_grad::Problem g{static_cast<const float*>(a.x), static_cast<const float*>(a.w), static_cast<float*>(a.y),
-                               a.k, a.m, a.n};
+  using T = typename C::Element;
+  const weight_grad::Problem<T> g{static_cast<const T*>(a.x), static_cast<const T*>(a.w), static_cast<T*>(a.y), a.k,
+                                  a.m, a.n};
   int device = 0, sm_count = 0;
   if (!weight_grad::takes(g) || !usable_device(&device, &sm_count)) {
     printf("  %-44s not taken\n", name);
@@ -249,8 +270,22 @@ void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   time_config<T, Store128x64Cooperative128x128>("cooperative 128x128, cluster 2x1, store 128x64", a);
   time_config<T, Store128x32Cooperative128x128>("cooperative 128x128, cluster 2x1, store 128x32", a);
   time_config<T, Store64x64PingPong>("ping-pong 128x128, cluster 2x1, store 64x64", a);
+  if constexpr (sizeof(T) == 2) {
+    time_weight_grad_kernel<typename weight_grad::Shipped<T>::type>(
+        "weight-grad kernel, strip 256, 3x16 KB out (shipped)", a);
+    time_weight_grad_kernel<WeightGrad16Strip128<T>>("weight-grad kernel, strip 128, 3x16 KB out", a);
+    time_weight_grad_kernel<WeightGrad16Strip128Deep<T>>("weight-grad kernel, strip 128, 4 tiles, 3x16 KB out", a);
+    time_weight_grad_kernel<WeightGrad16Deep<T>>("weight-grad kernel, strip 256, 4 tiles, 2x16 KB out", a);
+    time_weight_grad_kernel<WeightGrad16Narrow<T>>("weight-grad kernel, strip 256, 4x8 KB out", a);
+    time_weight_grad_kernel<WeightGrad16Deep3<T>>("weight-grad kernel, strip 256, 4 tiles, 3x16 KB out", a);
+    time_weight_grad_kernel<WeightGrad16Deeper<T>>("weight-grad kernel, strip 256, 6 tiles, 2x16 KB out", a);
+    time_weight_grad_kernel<WeightGrad16DeepNarrow<T>>("weight-grad kernel, strip 256, 4 tiles, 4x8 KB out", a);
+    time_weight_grad_kernel<WeightGrad16DeeperNarrow<T>>("weight-grad kernel, strip 256, 6 tiles, 3x8 KB out", a);
+    time_weight_grad_kernel<WeightGrad16Wide<T>>("weight-grad kernel, strip 256, 2x32 KB out", a);
+  }
   if constexpr (sizeof(T) == 4) {
-    time_weight_grad_kernel<weight_grad::Shipped>("weight-grad kernel, strip 128, 2x16 KB out (shipped)", a);
+    time_weight_grad_kernel<weight_grad::Shipped<float>::type>("weight-grad kernel, strip 128, 2x16 KB out (shipped)",
+                                                               a);
     time_weight_grad_kernel<WeightGradStrip256>("weight-grad kernel, strip 256, 2x8 KB out", a);
     time_weight_grad_kernel<WeightGradDeep>("weight-grad kernel, strip 128, 4 tiles, 2x8 KB out", a);
     time_weight_grad_kernel<WeightGradManyBuffers>("weight-grad kernel, strip 128, 6x8 KB out", a);

@@ -587,6 +587,26 @@ fn tf32_small_batch_gradients_match_float64() {
     swish_gradients_match_float64(&device, MODES[1], &DIRECT_INPUT_GRAD_SHAPES);
 }
 
+/// The f16 and bf16 gradients of a batch of at most 128 rows, whose weight gradient runs on the
+/// Hopper weight-gradient kernel from dz and x as they lie (n and k multiples of 8): shapes that
+/// cut its 64-row tiles and 256-column strips short, a batch that ends inside the contraction's
+/// 16-row steps, a single row, one with more strips than SMs cut into bands of unequal sizes;
+/// and, with n not a multiple of 8, a shape the kernel does not take, which runs on cuBLAS.
+#[test]
+fn half_precision_small_batch_weight_gradient_matches_float64() {
+    let Some(device) = gpu() else { return };
+    let shapes = [
+        (128, 2056, 520),
+        (37, 1000, 264),
+        (1, 264, 1104),
+        (8, 34824, 328),
+        (100, 1000, 70),
+    ];
+    for mode in [MODES[2], MODES[3]] {
+        swish_gradients_match_float64(&device, mode, &shapes);
+    }
+}
+
 /// The exact f32 input gradient of a batch of at most 128 rows, on the Hopper kernel that reads
 /// W as it lies.
 #[test]
@@ -613,7 +633,7 @@ fn swish_gradients_match_float64(
             let err = max_rel_error(a, b);
             assert!(
                 err <= 2.0 * tol,
-                "{m}x{k}->{n} {precision:?}: gradient {i} error {err:.2e}"
+                "{m}x{k}->{n} {dtype:?} {precision:?}: gradient {i} error {err:.2e}"
             );
         }
     }

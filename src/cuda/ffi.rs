@@ -206,6 +206,20 @@ extern "C" {
         taken: *mut i32,
         stream: *mut c_void,
     ) -> c_int;
+    /// `dW (n, k) = dzᵀ·x` in f16 or bf16 (`dtype`) from `dz (m, n)` and `x (m, k)` as they
+    /// lie, on the same kernel, on `stream`: `*taken` as for [`fused_weight_grad_tf32`];
+    /// returns a `cudaError_t`.
+    pub(crate) fn fused_weight_grad_16bit(
+        dz: *const c_void,
+        x: *const c_void,
+        dw: *mut c_void,
+        m: i64,
+        n: i64,
+        k: i64,
+        dtype: i32,
+        taken: *mut i32,
+        stream: *mut c_void,
+    ) -> c_int;
     /// `dx (m, k) = dz·W` in exact f32 (`tf32 == 0`) or TF32, from `w (n, k)` as it lies, with
     /// `dz_part` an `(m, n)` scratch, on the Hopper small-batch input-gradient kernel, on
     /// `stream`: sets `*taken` to 1 and launches it when that kernel takes the problem, or to 0

@@ -490,7 +490,9 @@ pub(crate) struct BackwardOperands<'a> {
 ///   for a batch of at most 128 rows on an sm_90 device, both products on the crate's own
 ///   kernels where they take the problem (the input gradient on [`input_grad_direct`]'s, the
 ///   weight gradient on `cuda-kernels/weight_grad_sm90.cu`'s), which are faster there;
-/// - f16 and bf16: cuBLAS with f32 accumulation.
+/// - f16 and bf16: cuBLAS with f32 accumulation, but for the weight gradient of a batch of at
+///   most 128 rows on an sm_90 device, which runs on `cuda-kernels/weight_grad_sm90.cu`'s kernel
+///   where it takes the problem.
 pub(crate) fn linear_input_and_weight_grads(
     operands: &BackwardOperands,
     (m, n, k): (usize, usize, usize),
@@ -537,8 +539,8 @@ pub(crate) fn linear_input_and_weight_grads(
     cublas_input_and_weight_grads(operands, (m, n, k), dtype)
 }
 
-/// [`linear_input_and_weight_grads`] for TF32 (f32), f16 and bf16: on cuBLAS, but for TF32's
-/// small-batch products.
+/// [`linear_input_and_weight_grads`] for TF32 (f32), f16 and bf16: on cuBLAS, but for the
+/// small-batch products that the crate's Hopper kernels take.
 fn cublas_input_and_weight_grads(
     operands: &BackwardOperands,
     (m, n, k): (usize, usize, usize),
@@ -592,31 +594,46 @@ fn cublas_input_and_weight_grads(
         if dx_on_cublas {
             unsafe { gemm.run((ki, mi, ni), (false, wp, ki), (false, dzp, ni), dxp) }?;
         }
-        // dW: in TF32 from a batch of at most 128 rows, on the crate's Hopper kernel when it
-        // takes the problem.
-        let taken = match &k_major {
-            Some(((dz_t, _), (x_t, _))) if dtype == DType::F32 => {
-                let mut taken = 0i32;
-                // SAFETY: as above; the kernel runs on candle's stream and writes only dw.
-                check(
-                    unsafe {
-                        ffi::fused_weight_grad_tf32(
-                            *dz_t as *const f32,
-                            *x_t as *const f32,
-                            dwp as *mut f32,
-                            m as i64,
-                            n as i64,
-                            k as i64,
-                            &mut taken,
-                            stream.cu_stream() as *mut c_void,
-                        )
-                    },
-                    "TF32 weight gradient",
-                )?;
-                taken != 0
-            }
-            _ => false,
-        };
+        // dW from a batch of at most 128 rows: on the crate's Hopper kernel when it takes the
+        // problem, in TF32 from the transposed copies, in f16 and bf16 from dz and x as they lie.
+        let mut taken = 0i32;
+        let cu_stream = stream.cu_stream() as *mut c_void;
+        // SAFETY (both kernels): as above; the kernel runs on candle's stream and writes only dw.
+        match (&k_major, dtype) {
+            (Some(((dz_t, _), (x_t, _))), DType::F32) => check(
+                unsafe {
+                    ffi::fused_weight_grad_tf32(
+                        *dz_t as *const f32,
+                        *x_t as *const f32,
+                        dwp as *mut f32,
+                        m as i64,
+                        n as i64,
+                        k as i64,
+                        &mut taken,
+                        cu_stream,
+                    )
+                },
+                "TF32 weight gradient",
+            )?,
+            (None, DType::F16 | DType::BF16) => check(
+                unsafe {
+                    ffi::fused_weight_grad_16bit(
+                        dzp,
+                        xp,
+                        dwp,
+                        m as i64,
+                        n as i64,
+                        k as i64,
+                        ffi_dtype(dtype)?,
+                        &mut taken,
+                        cu_stream,
+                    )
+                },
+                "16-bit weight gradient",
+            )?,
+            _ => {}
+        }
+        let taken = taken != 0;
         // Else cuBLAS: dWᵀ (k, n) = xᵀ (k, m) · dz (m, n), from the transposed copies when
         // given, so that both operands run along the contraction.
         if !taken {

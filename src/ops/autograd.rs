@@ -90,7 +90,7 @@ pub(super) fn host_grads<A: Accum>(
 ///
 /// On the CPU the products run in the accumulation type (Candle's CPU matmul has no bf16); on
 /// the GPU in the op's `precision`: exact f32 on the crate's fp32-accurate 3xTF32 split, the
-/// others on cuBLAS, with the crate's own kernel for TF32's small-batch weight gradient (see
+/// others on cuBLAS, with the crate's own kernels for small batches' products (see
 /// [`linear_input_and_weight_grads`](crate::cuda::linear_input_and_weight_grads)).
 pub(super) fn input_and_weight_grads(
     dz: &Tensor,

@@ -22,7 +22,8 @@
 //! parameter gradients, then the input and weight products in the op's precision (on the GPU:
 //! exact f32 on the crate's fp32-accurate 3xTF32 GEMM, the others on cuBLAS; the weight gradient
 //! of a batch of at most 128 rows runs in exact f32 as one TF32 cuBLAS GEMM over the same split,
-//! and in TF32 on the crate's Hopper kernel).
+//! and in TF32, f16 and bf16 on the crate's Hopper kernel; its f32 input gradient, on the
+//! crate's Hopper kernel that reads the weight as it lies).
 //!
 //! **What the forward keeps for the backward.** Only when some input tracks gradients (or the
 //! call is traced), the op keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in
