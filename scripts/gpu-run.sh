@@ -35,6 +35,17 @@ for step in $steps; do
         --skip reference_sizes --skip exact_f32 >"$OUT/sanitizer_$tool.log" 2>&1
       rc=$?
       tail -n 3 "$OUT/sanitizer_$tool.log"
+      # cuBLAS's own kernels (nvjet_*, sm90_xmma_*), which the 16-bit products of the smallest
+      # batches run on, draw racecheck hazards that the crate cannot change; a run whose tests
+      # passed and whose every reported access lies in them counts as clean for the crate's
+      # kernels, and says so.
+      if [ $rc -eq 9 ] && [ $tool = racecheck ] && grep -q "test result: ok" "$OUT/sanitizer_$tool.log" \
+        && grep -q "Race reported" "$OUT/sanitizer_$tool.log" \
+        && ! grep -E "(Race reported between|and) (Read|Write) access at" "$OUT/sanitizer_$tool.log" \
+          | grep -qvE "access at (nvjet_|sm90_xmma_)"; then
+        echo "compute-sanitizer racecheck: every hazard reported lies in cuBLAS's kernels, none in the crate's"
+        rc=0
+      fi
       [ $rc -eq 0 ] || { echo "compute-sanitizer $tool: exit $rc"; status=1; }
     done
     ;;
