@@ -69,6 +69,22 @@ __device__ __forceinline__ void store_pair(__nv_bfloat16* p, float a, float b) {
   *reinterpret_cast<__nv_bfloat162*>(p) = __floats2bfloat162_rn(a, b);
 }
 
+// Two values rounded to the 16-bit type T and packed into one 32-bit word, `a` in the low half:
+// a pair of neighbouring elements as it lies in memory, for the instructions that take registers
+// (stmatrix).
+template <class T>
+__device__ __forceinline__ uint32_t pack_pair(float a, float b);
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__half>(float a, float b) {
+  const __half2 pair = __floats2half2_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+template <>
+__device__ __forceinline__ uint32_t pack_pair<__nv_bfloat16>(float a, float b) {
+  const __nv_bfloat162 pair = __floats2bfloat162_rn(a, b);
+  return *reinterpret_cast<const uint32_t*>(&pair);
+}
+
 // V neighbouring elements moved with one access of V·sizeof(T) bytes and converted to or from
 // f32: the memory-bound kernels move whole packs so that each warp has many bytes in flight.
 // The address must be aligned to the pack (see packs_fit).
