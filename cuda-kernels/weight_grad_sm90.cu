@@ -11,14 +11,16 @@
 //   - two consumer warpgroups take alternate tiles, each multiplying its 64×BN output tile with
 //     wgmma and then storing it: its accumulators go to swizzled shared-memory subtiles, which
 //     TMA stores write out as whole rows, while the other warpgroup multiplies or stores.
-// On an H200, SwishScale's TF32 gradient takes 1.16 ms here against cuBLAS's 1.81–1.84 ms; what
-// sets its pace is under "The schedule" below.
+// On an H200, SwishScale's TF32 gradient takes 1.12–1.15 ms here against cuBLAS's 1.78–1.81 ms,
+// its bf16 gradient 0.60 ms against 0.72–0.73 ms; what sets their pace is under "The schedule"
+// below.
 //
 // Operands (`Operands<T>` below):
 //   - TF32: dzᵀ (n, m) and xᵀ (k, m), K-major (TF32 wgmma reads both operands along the
 //     contraction), as the backward's transposed copies have them; TMA rounds the f32 values to
-//     TF32 on the way in, as cuBLAS's TF32 GEMMs do. Taken: m a multiple of 4 and k a multiple
-//     of 4 (TMA's 16-byte row strides along m and along dW's rows).
+//     TF32 on the way in, as cuBLAS's TF32 GEMMs do. xᵀ's rows come in eights, reordered on the
+//     way in for the output's stores (see `launch`). Taken: m a multiple of 4 (TMA's 16-byte row
+//     strides) and k a multiple of 8 (whole eights).
 //   - f16 and bf16: dz (m, n) and x (m, k) as they lie, MN-major (16-bit wgmma reads either
 //     layout), so no transposed copies. Taken: n and k multiples of 8 (the rows' 16 bytes).
 // Both: any n and k otherwise, m ≤ 128, 16-byte aligned pointers. The contraction's tail and the
@@ -36,7 +38,8 @@
 // gave each CTA one contiguous run of tiles, strip by strip: with the CTAs spread over the whole
 // of dW, each writing 512-byte pieces of rows far apart, dW went out at 2.7 TB/s, where a plain
 // write kernel reaches 4.2 TB/s. The stores, not the products, set the pace (that order took
-// 1.62 ms without the products, 0.50 ms without the stores).
+// 1.62 ms without the products, 0.50 ms without the stores; the bf16 gradient, with its output
+// staged by stmatrix, takes 0.60 ms, and 0.33 ms without the stores).
 #include "common.cuh"
 #include "fused_linear.h"
 #include "linear_sm90.cuh"
@@ -113,6 +116,15 @@ struct Config {
                                              Shape<Int<kTileRows>, Int<epi_cols>, Int<EpiBuffers>>{}));
   using TiledMma = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Smem, Smem, float, Shape<Int<kTileRows>, Int<BN>, Int<kInner>>, major, major>()));
+  // The shape of x's view that TMA loads strips from (see `launch`): (k, m) as it lies for 16-bit
+  // operands; for TF32 the rows in eights ((2, 4, eights), m), spanning whole strips.
+  CUTE_HOST_DEVICE static auto b_shape(int k, int strips, int m) {
+    if constexpr (mn_major) {
+      return make_shape(k, m);
+    } else {
+      return make_shape(make_shape(_2{}, _4{}, strips * (BN / 8)), m);
+    }
+  }
   static constexpr uint32_t tile_bytes = kTileRows * kInner * sizeof(Smem);
   static constexpr uint32_t strip_bytes = BN * kInner * sizeof(Smem);
 
@@ -181,7 +193,7 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
     if (threadIdx.x != 0) return;
     Tensor gA = local_tile(p.tma_a.get_tma_tensor(make_shape(p.n, p.m)), Shape<Int<kTileRows>, Int<kInner>>{},
                            make_coord(_, 0));  // (64, 128, row tiles)
-    Tensor gB = local_tile(p.tma_b.get_tma_tensor(make_shape(p.k, p.m)), Shape<Int<C::strip>, Int<kInner>>{},
+    Tensor gB = local_tile(p.tma_b.get_tma_tensor(C::b_shape(p.k, p.strips, p.m)), Shape<Int<C::strip>, Int<kInner>>{},
                            make_coord(_, 0));  // (BN, 128, strips)
     auto [tAgA, tAsA] = tma_partition(p.tma_a, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sA), group_modes<0, 2>(gA));
     auto [tBgB, tBsB] = tma_partition(p.tma_b, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sB), group_modes<0, 2>(gB));
@@ -279,15 +291,21 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
                                     pack_pair<E>(acc(4 * j + 6), acc(4 * j + 7)), row);
           }
         } else {
+          // TF32: with xᵀ's rows loaded in the order 0 4 1 5 2 6 3 7 in each eight, a thread's
+          // values 4j + 2h and 4j + 2h + 1 are dW's columns 8j + q and 8j + 4 + q (q = lane % 4)
+          // of row 8h + lane / 4 of its warp's 16: each an f32 at the place of a 16-bit pair in
+          // the 8×8 blocks of stmatrix, whose rows are 16 bytes, four f32 columns. Block 2h + e
+          // of column block j is rows [8h, 8h + 8) by columns [8j + 4e, 8j + 4e + 4), and a
+          // thread's values 4j to 4j + 3 are its elements of the four blocks in order. Half the
+          // store instructions of storing pairs: SwishScale's gradient 1.12-1.15 ms, from 1.17 ms.
+          const int block = lane / 8;
           CUTE_UNROLL
           for (int jj = 0; jj < C::epi_cols / 8; ++jj) {
             const int j = sub * (C::epi_cols / 8) + jj;
-            CUTE_UNROLL
-            for (int h = 0; h < 2; ++h) {
-              // The element's address through the buffer's swizzle, which TMA undoes.
-              auto* at = reinterpret_cast<float*>(&sC(warp_row + lane / 4 + 8 * h, 8 * jj + 2 * (lane % 4), buffer));
-              store_pair(at, acc(4 * j + 2 * h), acc(4 * j + 2 * h + 1));
-            }
+            auto& row = *reinterpret_cast<uint128_t*>(
+                &sC(warp_row + 8 * (block / 2) + lane % 8, 8 * jj + 4 * (block % 2), buffer));
+            SM90_U32x4_STSM_N::copy(__float_as_uint(acc(4 * j)), __float_as_uint(acc(4 * j + 1)),
+                                    __float_as_uint(acc(4 * j + 2)), __float_as_uint(acc(4 * j + 3)), row);
           }
         }
         // The generic-proxy writes must be visible to the TMA store's async-proxy reads.
@@ -342,7 +360,19 @@ cudaError_t launch(const Problem<typename C::Element>& a, int device, int sm_cou
   const auto strip_b = typename C::SmemLayoutB{}(_, _, 0);
   const auto subtile_c = typename C::SmemLayoutC{}(_, _, 0);
   auto tma_a = make_tma_copy(SM90_TMA_LOAD{}, operand(a.dz, n), tile_a, product_each(shape(tile_a)), _1{});
-  auto tma_b = make_tma_copy(SM90_TMA_LOAD{}, operand(a.x, k), strip_b, product_each(shape(strip_b)), _1{});
+  auto tma_b = [&] {
+    if constexpr (C::mn_major) {
+      return make_tma_copy(SM90_TMA_LOAD{}, operand(a.x, k), strip_b, product_each(shape(strip_b)), _1{});
+    } else {
+      // xᵀ's rows in the order 0 4 1 5 2 6 3 7 within each eight: row 8g + 4e + q lands in the
+      // strip's row 8g + 2q + e.
+      const int64_t row = m;
+      const auto rows = make_layout(make_shape(_2{}, _4{}, k / 8), make_stride(4 * row, row, 8 * row));
+      const auto x_t = make_tensor(make_gmem_ptr(static_cast<const Smem*>(static_cast<const void*>(a.x))),
+                                   make_layout(rows, make_layout(m, _1{})));
+      return make_tma_copy(SM90_TMA_LOAD{}, x_t, strip_b, product_each(shape(strip_b)), _1{});
+    }
+  }();
   auto dw = make_tensor(make_gmem_ptr(reinterpret_cast<Out*>(a.dw)), make_shape(n, k), make_stride(int64_t(k), _1{}));
   auto tma_c = make_tma_copy(SM90_TMA_STORE{}, dw, subtile_c, product_each(shape(subtile_c)), _1{});
   using P = Params<decltype(tma_a), decltype(tma_b), decltype(tma_c)>;
@@ -374,9 +404,9 @@ template <class T>
 bool takes(const Problem<T>& a) {
   using C = typename Shipped<T>::type;
   // TMA's 16-byte row strides: along dW's rows (k), and along the operands' rows (m for the
-  // transposed copies, n and k for the originals).
+  // transposed copies, n and k for the originals); in TF32, xᵀ's rows in whole eights.
   constexpr int64_t align = 16 / int64_t(sizeof(T));
-  const bool strides = C::mn_major ? a.n % align == 0 && a.k % align == 0 : a.m % align == 0 && a.k % align == 0;
+  const bool strides = C::mn_major ? a.n % align == 0 && a.k % align == 0 : a.m % align == 0 && a.k % 8 == 0;
   return a.m >= 1 && a.m <= kInner && a.n >= 1 && a.k >= 1 && strides && a.n <= INT32_MAX && a.k <= INT32_MAX &&
          ceil_div(a.n, kTileRows) * ceil_div(a.k, C::strip) <= INT32_MAX / 2 && sm90::aligned16(a.dz) &&
          sm90::aligned16(a.x) && sm90::aligned16(a.dw);

@@ -387,8 +387,9 @@ void sweep_input_grad(cublasHandle_t handle) {
   time_config<float, ExactNarrowBatch>("exact: general path, 3xTF32 GEMM from it", a);
   const float alpha = 1.f, beta = 0.f;
   const int m = int(a.m), n = int(a.k), k = int(a.n);
-  for (const auto& [compute, name] : {std::pair{CUBLAS_COMPUTE_32F_PEDANTIC, "exact: cuBLAS fp32"},
-                                      std::pair{CUBLAS_COMPUTE_32F_FAST_TF32, "TF32: cuBLAS TF32"}}) {
+  for (const auto& [mode, name] : {std::pair{CUBLAS_COMPUTE_32F_PEDANTIC, "exact: cuBLAS fp32"},
+                                   std::pair{CUBLAS_COMPUTE_32F_FAST_TF32, "TF32: cuBLAS TF32"}}) {
+    const cublasComputeType_t compute = mode;  // a lambda may not capture a structured binding (C++17)
     const float ms = median_ms([&] {
       cublasGemmEx(handle, CUBLAS_OP_N, CUBLAS_OP_N, k, m, n, &alpha, a.w, CUDA_R_32F, k, a.x, CUDA_R_32F, n, &beta,
                    a.y, CUDA_R_32F, k, compute, CUBLAS_GEMM_DEFAULT);

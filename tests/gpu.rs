@@ -570,18 +570,20 @@ const DIRECT_INPUT_GRAD_SHAPES: [(usize, usize, usize); 4] = [
 ];
 
 /// The TF32 gradients of a batch of at most 128 rows: the input gradient on the Hopper kernel
-/// that reads W as it lies, and the weight gradient on the Hopper weight-gradient kernel (m and
-/// k multiples of 4), on shapes that cut its 64-row tiles and 128-column strips short, cut its
-/// strips into bands of rows of unequal sizes, and (with more strips than SMs) give CTAs several
-/// bands in turn.
+/// that reads W as it lies, and the weight gradient on the Hopper weight-gradient kernel (m a
+/// multiple of 4, k of 8), on shapes that cut its 64-row tiles and 128-column strips short (down
+/// to a last strip of eight columns), cut its strips into bands of rows of unequal sizes, and
+/// (with more strips than SMs) give CTAs several bands in turn; and, with k not a multiple of 8,
+/// a shape the kernel does not take, whose weight gradient runs on cuBLAS.
 #[test]
 fn tf32_small_batch_gradients_match_float64() {
     let Some(device) = gpu() else { return };
     let shapes = [
-        (128, 2052, 520),
+        (128, 2056, 520),
         (36, 1000, 257),
-        (4, 260, 1100),
-        (4, 17028, 200),
+        (4, 264, 1100),
+        (4, 17032, 200),
+        (128, 2052, 520),
     ];
     swish_gradients_match_float64(&device, MODES[1], &shapes);
     swish_gradients_match_float64(&device, MODES[1], &DIRECT_INPUT_GRAD_SHAPES);
