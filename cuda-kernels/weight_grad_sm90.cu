@@ -12,8 +12,8 @@
 //     wgmma and then storing it: its accumulators go to swizzled shared-memory subtiles, which
 //     TMA stores write out as whole rows, while the other warpgroup multiplies or stores.
 // On an H200, SwishScale's TF32 gradient takes 1.12–1.15 ms here against cuBLAS's 1.78–1.81 ms,
-// its bf16 gradient 0.60 ms against 0.72–0.73 ms; what sets their pace is under "The schedule"
-// below.
+// its bf16 gradient 0.58–0.59 ms against 0.72–0.73 ms; what sets their pace is under "The
+// schedule" below.
 //
 // Operands (`Operands<T>` below):
 //   - TF32: dzᵀ (n, m) and xᵀ (k, m), K-major (TF32 wgmma reads both operands along the
@@ -39,7 +39,9 @@
 // of dW, each writing 512-byte pieces of rows far apart, dW went out at 2.7 TB/s, where a plain
 // write kernel reaches 4.2 TB/s. The stores, not the products, set the pace (that order took
 // 1.62 ms without the products, 0.50 ms without the stores; the bf16 gradient, with its output
-// staged by stmatrix, takes 0.60 ms, and 0.33 ms without the stores).
+// staged by stmatrix, took 0.60 ms, and 0.33 ms without the stores). Even so dW goes out below a
+// plain write kernel's rate with the same strips (an H200's memory 75% busy against 88%): the
+// stores' L2 policy (`kEvictFirst`) takes back part of that.
 #include "common.cuh"
 #include "fused_linear.h"
 #include "linear_sm90.cuh"
@@ -60,6 +62,12 @@ using namespace cute;
 constexpr int kTileRows = 64;    // output rows per consumer tile: one wgmma row block
 constexpr int kInner = 128;      // the contraction that shared memory holds
 constexpr int kThreads = 384;    // a producer warpgroup and two consumer warpgroups
+// The output stores' L2 policy, evict-first, as CUTLASS's TMA::CacheHintSm90 encodes it. dW is
+// written once and not read here: so marked, its lines leave L2 for memory sooner and nearer the
+// order they were written in. On an H200 SwishScale's bf16 gradient took 0.585-0.594 ms so
+// against 0.636-0.656 ms with the default policy (the shipped configuration), and its train step
+// 1.63-1.66 ms against 1.65-1.68 ms; the TF32 gradient 1.15-1.16 ms against 1.17 ms.
+constexpr uint64_t kEvictFirst = 0x12F0000000000000ull;
 
 // How the kernel reads and writes elements of type T: `Smem` is the operands' type in shared
 // memory, `Out` dW's; `mn_major` says whether the operands run along dW's rows and columns (the
@@ -104,7 +112,8 @@ struct Config {
   static constexpr GMMA::Major major = mn_major ? GMMA::Major::MN : GMMA::Major::K;
   static constexpr int strip = BN;
   static constexpr int stages = Stages;
-  static constexpr int epi_cols = EpiWidth * 128 / int(sizeof(Out));
+  static constexpr int atom_cols = 128 / int(sizeof(Out));  // a swizzle atom's row: 128 bytes
+  static constexpr int epi_cols = EpiWidth * atom_cols;
   static constexpr int epi_buffers = EpiBuffers;
   // MN-major atoms are stacked along the contraction first, as CUTLASS's collectives do.
   using Order = conditional_t<mn_major, Step<_2, _1, _3>, Step<_1, _2, _3>>;
@@ -114,6 +123,8 @@ struct Config {
   // Each consumer's subtile buffers: one is filled while TMA stores the others.
   using SmemLayoutC = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Out>{},
                                              Shape<Int<kTileRows>, Int<epi_cols>, Int<EpiBuffers>>{}));
+  // What one TMA store writes: a column of the subtile's atoms, 64 rows by 128 bytes.
+  using StoreBox = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Out>{}, Shape<Int<kTileRows>, Int<atom_cols>>{}));
   using TiledMma = decltype(make_tiled_mma(
       GMMA::ss_op_selector<Smem, Smem, float, Shape<Int<kTileRows>, Int<BN>, Int<kInner>>, major, major>()));
   // The shape of x's view that TMA loads strips from (see `launch`): (k, m) as it lies for 16-bit
@@ -143,7 +154,7 @@ template <class TmaA, class TmaB, class TmaC>
 struct Params {
   TmaA tma_a;  // dz's tiles: (n, m)
   TmaB tma_b;  // x's strips: (k, m)
-  TmaC tma_c;  // dW's subtiles: (n, k), row-major
+  TmaC tma_c;  // dW (n, k), row-major, in StoreBox pieces
   int n, k, m;
   int row_tiles;  // ceil(n / 64)
   int strips;     // ceil(k / BN)
@@ -160,6 +171,16 @@ struct Problem {
   T* dw;
   int64_t m, n, k;
 };
+
+// A TMA store of the 2-D box at `smem` to element (row, col) of the tensor map's tensor, under
+// the L2 policy `policy` (CuTe's SM90_TMA_STORE_2D takes no cache hint).
+__device__ __forceinline__ void store_box(const void* map, const void* smem, int col, int row, uint64_t policy) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.global.shared::cta.bulk_group.L2::cache_hint [%0, {%2, %3}], [%1], %4;" ::"l"(
+          reinterpret_cast<uint64_t>(map)),
+      "r"(cast_smem_ptr_to_uint(smem)), "r"(col), "r"(row), "l"(policy)
+      : "memory");
+}
 
 using FullBarrier = cutlass::arch::ClusterTransactionBarrier;
 using EmptyBarrier = cutlass::arch::ClusterBarrier;
@@ -229,11 +250,10 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
 
   // The output's way out: subtiles of 64 rows by epi_cols columns, staged in shared memory and
   // written by TMA stores, which move whole rows (the threads' own stores, each covering 8
-  // rows' 32 bytes, made the kernel as slow as cuBLAS).
+  // rows' 32 bytes, made the kernel as slow as cuBLAS), one 64-row column of swizzle atoms
+  // (128 bytes wide) per store.
   Tensor sC = make_tensor(make_smem_ptr(smem.c[consumer].begin()), typename C::SmemLayoutC{});  // (64, cols, buffers)
-  Tensor gC = local_tile(p.tma_c.get_tma_tensor(make_shape(p.n, p.k)), Shape<Int<kTileRows>, Int<C::epi_cols>>{},
-                         make_coord(_, _));  // (64, cols, row tiles, column subtiles)
-  auto [tCgC, tCsC] = tma_partition(p.tma_c, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sC), group_modes<0, 2>(gC));
+  const void* store_map = p.tma_c.get_tma_descriptor();
   // The accumulator's layout (wgmma's, for a 64-row tile): value 4j + 2h + e of a thread is at
   // row 16·warp + lane/4 + 8h, column 8j + 2·(lane % 4) + e.
   // stmatrix's lanes address its four 8×8 blocks' rows, lane l row l % 8 of block l / 8.
@@ -311,7 +331,12 @@ __global__ void __launch_bounds__(kThreads, 1) weight_grad_kernel(const __grid_c
         cutlass::arch::fence_view_async_shared();
         cutlass::arch::NamedBarrier::sync(cutlass::NumThreadsPerWarpGroup, store_barrier);
         if (thread == 0) {
-          copy(p.tma_c, tCsC(_, buffer), tCgC(_, r, subtile));
+          CUTE_UNROLL
+          for (int a = 0; a < C::epi_cols / C::atom_cols; ++a) {
+            const int col = subtile * C::epi_cols + a * C::atom_cols;
+            if (col >= p.k) break;  // TMA cuts the rest of an atom past dW's last column
+            store_box(store_map, &sC(0, a * C::atom_cols, buffer), col, r * kTileRows, kEvictFirst);
+          }
           tma_store_arrive();
         }
         buffer = buffer + 1 == C::epi_buffers ? 0 : buffer + 1;
@@ -357,7 +382,6 @@ cudaError_t launch(const Problem<typename C::Element>& a, int device, int sm_cou
   };
   const auto tile_a = typename C::SmemLayoutA{}(_, _, 0);
   const auto strip_b = typename C::SmemLayoutB{}(_, _, 0);
-  const auto subtile_c = typename C::SmemLayoutC{}(_, _, 0);
   auto tma_a = make_tma_copy(SM90_TMA_LOAD{}, operand(a.dz, n), tile_a, product_each(shape(tile_a)), _1{});
   auto tma_b = [&] {
     if constexpr (C::mn_major) {
@@ -373,7 +397,8 @@ cudaError_t launch(const Problem<typename C::Element>& a, int device, int sm_cou
     }
   }();
   auto dw = make_tensor(make_gmem_ptr(reinterpret_cast<Out*>(a.dw)), make_shape(n, k), make_stride(int64_t(k), _1{}));
-  auto tma_c = make_tma_copy(SM90_TMA_STORE{}, dw, subtile_c, product_each(shape(subtile_c)), _1{});
+  const auto box_c = typename C::StoreBox{};
+  auto tma_c = make_tma_copy(SM90_TMA_STORE{}, dw, box_c, product_each(shape(box_c)), _1{});
   using P = Params<decltype(tma_a), decltype(tma_b), decltype(tma_c)>;
   const int row_tiles = int(ceil_div(n, kTileRows)), strips = int(ceil_div(k, C::strip));
   const int parts = bands_per_strip(row_tiles, strips, sm_count);
@@ -387,12 +412,12 @@ cudaError_t launch(const Problem<typename C::Element>& a, int device, int sm_cou
 
 // The configurations shipped, the fastest of those that scripts/sm90_tile_sweep.cu times. TF32:
 // 128-column strips (64 KB), two 32 KB dz tiles in flight and three 16 KB output subtiles per
-// consumer. f16 and bf16: 256-column strips (64 KB), two 16 KB dz tiles in flight and three 16 KB
-// output subtiles per consumer (SwishScale's bf16 gradient in 0.62 ms on an H200, against cuBLAS's
-// 0.73 ms).
+// consumer. f16 and bf16: 256-column strips (64 KB), four 16 KB dz tiles in flight and one 32 KB
+// output subtile per consumer, the whole tile, which its stores write out in four 64-row columns
+// of 128 bytes.
 template <class T>
 struct Shipped {
-  using type = Config<T, 256, 2, 3, 2>;
+  using type = Config<T, 256, 4, 1, 4>;
 };
 template <>
 struct Shipped<float> {

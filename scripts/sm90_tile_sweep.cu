@@ -83,6 +83,8 @@ template <class T>
 using WeightGrad16DeeperNarrow = weight_grad::Config<T, 256, 6, 3, 1>;
 template <class T>
 using WeightGrad16Wide = weight_grad::Config<T, 256, 2, 2, 4>;
+template <class T>
+using WeightGrad16TwoTiles = weight_grad::Config<T, 256, 2, 3, 2>;
 
 // The input-gradient kernel's alternatives (input_grad_sm90.cu): other numbers of stages in
 // flight (W's and dz's tiles, and in exact f32 dz's remainders': 48 KB a stage in exact f32, 32 KB
@@ -272,7 +274,8 @@ void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
   time_config<T, Store64x64PingPong>("ping-pong 128x128, cluster 2x1, store 64x64", a);
   if constexpr (sizeof(T) == 2) {
     time_weight_grad_kernel<typename weight_grad::Shipped<T>::type>(
-        "weight-grad kernel, strip 256, 3x16 KB out (shipped)", a);
+        "weight-grad kernel, strip 256, 4 tiles, 1x32 KB out (shipped)", a);
+    time_weight_grad_kernel<WeightGrad16TwoTiles<T>>("weight-grad kernel, strip 256, 3x16 KB out", a);
     time_weight_grad_kernel<WeightGrad16Strip128<T>>("weight-grad kernel, strip 128, 3x16 KB out", a);
     time_weight_grad_kernel<WeightGrad16Strip128Deep<T>>("weight-grad kernel, strip 128, 4 tiles, 3x16 KB out", a);
     time_weight_grad_kernel<WeightGrad16Deep<T>>("weight-grad kernel, strip 256, 4 tiles, 2x16 KB out", a);
@@ -284,7 +287,7 @@ void sweep_weight_grad(cublasHandle_t handle, const char* precision) {
     time_weight_grad_kernel<WeightGrad16Wide<T>>("weight-grad kernel, strip 256, 2x32 KB out", a);
   }
   if constexpr (sizeof(T) == 4) {
-    time_weight_grad_kernel<weight_grad::Shipped<float>::type>("weight-grad kernel, strip 128, 2x16 KB out (shipped)",
+    time_weight_grad_kernel<weight_grad::Shipped<float>::type>("weight-grad kernel, strip 128, 3x16 KB out (shipped)",
                                                                a);
     time_weight_grad_kernel<WeightGradStrip256>("weight-grad kernel, strip 256, 2x8 KB out", a);
     time_weight_grad_kernel<WeightGradDeep>("weight-grad kernel, strip 128, 4 tiles, 2x8 KB out", a);
