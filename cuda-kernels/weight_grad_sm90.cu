@@ -120,7 +120,8 @@ struct Config {
   using Atom = typename Operands<T>::Atom;
   using SmemLayoutA = decltype(tile_to_shape(Atom{}, Shape<Int<kTileRows>, Int<kInner>, Int<Stages>>{}, Order{}));
   using SmemLayoutB = decltype(tile_to_shape(Atom{}, Shape<Int<BN>, Int<kInner>, _1>{}, Order{}));
-  // Each consumer's subtile buffers: one is filled while TMA stores the others.
+  // Each consumer's subtile buffers: with more than one, one is filled while TMA stores the
+  // others (the shipped 16-bit configuration has one, the whole tile).
   using SmemLayoutC = decltype(tile_to_shape(GMMA::Layout_K_SW128_Atom<Out>{},
                                              Shape<Int<kTileRows>, Int<epi_cols>, Int<EpiBuffers>>{}));
   // What one TMA store writes: a column of the subtile's atoms, 64 rows by 128 bytes.
