@@ -11,7 +11,8 @@
 //! - `CANDLE_FUSED_NO_SM90=1`: build without the Hopper path (no CUTLASS needed).
 //! - `CANDLE_FUSED_PTXAS_VERBOSE=1`: print ptxas's register and spill report as build warnings.
 //!
-//! Any spill or warning C7510 reported by ptxas is forwarded as a cargo warning.
+//! Any spill or warning C7510 reported by ptxas is forwarded as a cargo warning, but for the
+//! spills listed in `MEASURED_SPILLS`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -125,6 +126,11 @@ fn build_kernels() -> Result<(), String> {
     Ok(())
 }
 
+/// Spills that were measured and kept, as (a fragment of the kernel's mangled name, the most
+/// bytes stored): the epilogue backward's few bytes, in the build whose two row loops ran
+/// faster than the builds without a spill (`cuda-kernels/backward.cu` says why).
+const MEASURED_SPILLS: &[(&str, u32)] = &[("epilogue_backward_kernel", 16)];
+
 /// Forwards ptxas's spill reports and warning C7510 (and, if asked, the whole report).
 fn report_ptxas(stderr: &str, verbose: bool) {
     let mut function = "";
@@ -133,11 +139,26 @@ fn report_ptxas(stderr: &str, verbose: bool) {
             function = rest.split('\'').next().unwrap_or("");
         }
         let spills = line.contains("spill stores")
-            && !line.contains(" 0 bytes spill stores, 0 bytes spill loads");
+            && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
+            && !is_measured_spill(function, line);
         if verbose || spills || line.contains("C7510") || line.contains("warning") {
             println!("cargo:warning={function}: {}", line.trim());
         }
     }
+}
+
+/// Whether `line`, ptxas's spill report for `function`, is one of `MEASURED_SPILLS`.
+fn is_measured_spill(function: &str, line: &str) -> bool {
+    let stored = line
+        .split(" bytes spill stores")
+        .next()
+        .and_then(|head| head.rsplit(' ').next())
+        .and_then(|bytes| bytes.parse::<u32>().ok());
+    stored.is_some_and(|bytes| {
+        MEASURED_SPILLS
+            .iter()
+            .any(|&(kernel, most)| function.contains(kernel) && bytes <= most)
+    })
 }
 
 fn find_nvcc() -> Result<PathBuf, String> {

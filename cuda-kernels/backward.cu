@@ -11,8 +11,9 @@
 // training the gradients of the bias and of a per-feature scale are sums whose terms cancel
 // almost exactly (the normalisation removes any shift and, up to eps, any scale of its input),
 // so the rounding of f32 terms would dominate what is left. Without a BatchNorm the
-// per-element gradient is f32, as the dz it is stored to: the doubles' registers cost occupancy
-// in these latency-bound kernels (docs/BENCHMARKS.md has the measurements).
+// per-element gradient is f32, as the dz it is stored to, and a thread adds a few rows' terms
+// in f32 before its double sums: the doubles' registers and conversions cost occupancy and
+// issue slots in these latency-bound kernels (docs/BENCHMARKS.md has the measurements).
 //
 // The BatchNorm backward in training needs Σ g and Σ g · x̂ before it can form any du, so it
 // runs one extra sweep (the same sums, which are also d_beta and d_gamma) first:
@@ -148,11 +149,17 @@ struct BatchNormGrad {
 
 // The epilogue backward, from g (no BatchNorm) or from the du of the BatchNorm: writes dz and
 // partial Σ dz, Σ du·act(z) per column. Without a BatchNorm nothing cancels, so the per-element
-// gradient is computed in f32 (as the stored dz is) and only the sums are carried in double:
-// that instantiation keeps fewer registers, and it loads BWD_UNROLL rows before using any.
-// The BatchNorm instantiation, whose per-element arithmetic is double, measured slower that
-// way on an H200 (its whole bf16 backward 75 instead of 64 µs): it takes one row per step and
-// leaves the unrolling to the compiler.
+// gradient is computed in f32 (as the stored dz is): that instantiation keeps fewer registers,
+// loads BWD_UNROLL rows before using any, and adds each step's BWD_UNROLL terms in f32 before
+// adding them to the double sums, which saves a conversion to double per element (a
+// quarter-rate instruction on Hopper). It also compiles the rows twice, with and without the
+// per-feature scale's sum, and picks one at run time. On an H200, SigmoidResidual's bf16
+// backward took 28 µs that way, against 35 µs with a kernel instantiated per case and 34 µs
+// with more registers allowed (both without the 12 bytes that ptxas spills here; build.rs
+// lists the spill as measured), while the same split made the f32 BatchNorm backward 75
+// instead of 66 µs. The BatchNorm instantiation, whose per-element arithmetic is double, keeps
+// one loop, takes one row per step (it measured slower with BWD_UNROLL: its whole bf16
+// backward 75 instead of 64 µs) and leaves the unrolling to the compiler.
 template <class T, int V, bool BatchNorm, class Epilogue>
 __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
     epilogue_backward_kernel(const FusedBackwardArgs a, const Epilogue epi, int64_t chunk_rows, double* partials,
@@ -189,32 +196,56 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
       constant_grad[i] = col[i].scale + (a.residual ? 1.f : 0.f);
     }
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
+    // The rows, with the per-feature scale's sum compiled in or out (HasScale); see above.
+    const auto sweep = [&](auto has_scale) {
+      constexpr bool HasScale = decltype(has_scale)::value;
 #pragma unroll(BatchNorm ? BWD_UNROLL : 1)
-    for (int64_t r0 = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r0 < r_end; r0 += BWD_ROWS * U) {
-      float gv[U][V], zv[U][V];
-      const int rows = load_rows<T, V, U>(g, z, r0, r_end, n, c0, gv, zv);
+      for (int64_t r0 = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r0 < r_end; r0 += BWD_ROWS * U) {
+        float gv[U][V], zv[U][V];
+        const int rows = load_rows<T, V, U>(g, z, r0, r_end, n, c0, gv, zv);
+        [[maybe_unused]] float step[2][V] = {};  // without a BatchNorm: this step's terms of the sums
 #pragma unroll
-      for (int j = 0; j < U; ++j) {
-        if (j >= rows) break;
-        float out[V];
+        for (int j = 0; j < U; ++j) {
+          if (j >= rows) break;
+          float out[V];
 #pragma unroll
-        for (int i = 0; i < V; ++i) {
-          Real du = gv[j][i];
-          if constexpr (BatchNorm) {
-            du = bn[i].k * du + bn[i].du_u * double(epi.apply(zv[j][i], col[i].scale)) + bn[i].du_1;
+          for (int i = 0; i < V; ++i) {
+            Real du = gv[j][i];
+            if constexpr (BatchNorm) {
+              du = bn[i].k * du + bn[i].du_u * double(epi.apply(zv[j][i], col[i].scale)) + bn[i].du_1;
+            }
+            const auto add = [&](int sum, Real term) {
+              if constexpr (BatchNorm) {
+                v[sum][i] += term;
+              } else {
+                step[sum][i] += term;
+              }
+            };
+            Real d;
+            if (!BatchNorm && z == nullptr) {  // a BatchNorm always comes with z
+              d = du * Real(constant_grad[i]);
+            } else {
+              d = du * Real(epi.grad(zv[j][i], col[i].scale));
+              if (HasScale && a.has_scale) add(1, du * Real(epi.act(zv[j][i])));
+            }
+            out[i] = float(d);
+            add(0, d);
           }
-          Real d;
-          if (!BatchNorm && z == nullptr) {  // a BatchNorm always comes with z
-            d = du * Real(constant_grad[i]);
-          } else {
-            d = du * Real(epi.grad(zv[j][i], col[i].scale));
-            if (a.has_scale) v[1][i] += double(du * Real(epi.act(zv[j][i])));
-          }
-          out[i] = float(d);
-          v[0][i] += double(d);
+          store_pack<T, V>(dz + (r0 + j * BWD_ROWS) * n + c0, out);
         }
-        store_pack<T, V>(dz + (r0 + j * BWD_ROWS) * n + c0, out);
+        if constexpr (!BatchNorm) {
+#pragma unroll
+          for (int i = 0; i < V; ++i) {
+            v[0][i] += double(step[0][i]);
+            if (HasScale && a.has_scale) v[1][i] += double(step[1][i]);
+          }
+        }
       }
+    };
+    if (!BatchNorm && !a.has_scale) {
+      sweep(std::false_type{});
+    } else {
+      sweep(std::true_type{});
     }
   }
   write_column_partials<2, V>(v, 1 + a.has_scale, partials, n, c0, inside);
