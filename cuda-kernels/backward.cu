@@ -3,9 +3,10 @@
 // Given g = dL/dy, the input gradient of the epilogue is elementwise, dz = g · dy/dz, but the
 // parameter gradients are column sums over all rows (d_bias = Σ dz, d_scale = Σ g · act(z),
 // d_gamma = Σ g · x̂, d_beta = Σ g). Column sums are done in two levels so that they are
-// deterministic without atomics: blocks of 32 column packs x 8 rows sweep a chunk of rows and
-// leave one partial sum per (chunk, column) in a workspace, in a fixed order, and a small
-// kernel adds the chunks of each column in order.
+// deterministic without atomics: blocks of 32 column packs x a few rows sweep a chunk of rows
+// and leave one partial sum per (chunk, column) in a workspace, in a fixed order, and a small
+// kernel adds the chunks of each column in order. Where one chunk takes all the rows, its sums
+// are the result and go straight to it.
 //
 // Every sum is carried in double, and under a BatchNorm so are the per-element gradients: in
 // training the gradients of the bias and of a per-feature scale are sums whose terms cancel
@@ -27,7 +28,27 @@
 
 namespace fused {
 
-constexpr int BWD_COLS = 32, BWD_ROWS = 8, BWD_UNROLL = 4, BWD_TARGET_BLOCKS = 1024;
+constexpr int BWD_COLS = 32, BWD_UNROLL = 4;
+
+// A launch's shape: rows of threads per block, and about how many blocks in all.
+struct BackwardShape {
+  int rows, target_blocks;
+};
+
+// Without a BatchNorm: blocks of 8 rows, about 1024 of them (every SM busy with several). The
+// BatchNorm kernels, whose per-element arithmetic is double, ran faster on an H200 with fewer,
+// taller blocks that sweep more rows each: ScaleBatchNorm's whole backward took 42-45 µs in
+// bf16 with 128 blocks of 32 rows (one per SM) against 55-58 µs with the shape above, and in f32
+// (one column per thread, so twice the column blocks) 60-63 µs with 256 blocks of 16 rows
+// against 65-68 µs. At its size that is one chunk of all the rows, whose sums then need no
+// second kernel: 37-39 and 56-58 µs (docs/BENCHMARKS.md). The 16-bit blocks of 1024 threads
+// leave 64 registers a thread, and ptxas spills a few bytes there (build.rs lists them).
+__host__ __device__ constexpr BackwardShape backward_shape(bool batch_norm, bool four_byte_elements) {
+  return !batch_norm ? BackwardShape{8, 1024} : four_byte_elements ? BackwardShape{16, 256} : BackwardShape{32, 128};
+}
+
+template <class T, bool BatchNorm>
+constexpr int backward_rows = backward_shape(BatchNorm, sizeof(T) == 4).rows;
 
 // A thread owns a 4-byte pack of neighbouring columns (one column where n or the pointers do
 // not allow packs) and keeps several rows' loads in flight. Small packs keep the per-column
@@ -38,22 +59,34 @@ constexpr int backward_pack() {
   return pack_width<T, 4>();
 }
 
-// Rows per chunk: about BWD_TARGET_BLOCKS blocks in all (every SM busy with several blocks),
-// in whole block sweeps. Depends only on the shape and the element type, which the workspace
-// size needs too; at most 65535 chunks.
-int64_t backward_chunk_rows(int64_t m, int64_t n, int32_t dtype) {
-  const int64_t pack = dtype == FUSED_F32 ? backward_pack<float>() : backward_pack<__half>();
+// Rows per chunk: about the shape's target number of blocks in all, in whole block sweeps.
+// Depends only on the problem, the element type and whether there is a BatchNorm, which the
+// workspace size needs too; at most 65535 chunks.
+int64_t backward_chunk_rows(int64_t m, int64_t n, int32_t dtype, bool batch_norm) {
+  const bool four_byte_elements = dtype == FUSED_F32;
+  const int64_t pack = four_byte_elements ? backward_pack<float>() : backward_pack<__half>();
+  const BackwardShape shape = backward_shape(batch_norm, four_byte_elements);
   const int64_t col_blocks = ceil_div(n, BWD_COLS * pack);
-  const int64_t chunks = min(int64_t(65535), max(int64_t(1), ceil_div(BWD_TARGET_BLOCKS, col_blocks)));
-  return BWD_ROWS * ceil_div(ceil_div(m, chunks), BWD_ROWS);
+  const int64_t chunks = min(int64_t(65535), max(int64_t(1), ceil_div(shape.target_blocks, col_blocks)));
+  return shape.rows * ceil_div(ceil_div(m, chunks), shape.rows);
 }
 
-// Adds each thread's values v[s][i] over the block's rows and writes one partial per (chunk,
-// sum, column). `nsum` is the same for the whole launch.
-template <int NSUM, int V>
-__device__ __forceinline__ void write_column_partials(const double (&v)[NSUM][V], int nsum, double* partials,
-                                                      int64_t n, int64_t c0, bool inside) {
-  __shared__ double red[BWD_ROWS * V * BWD_COLS];
+// Where a launch's column sums go: each chunk's to `partials` (chunks, nsum, n), for
+// reduce_partials_kernel, or with a single chunk the sums themselves to `out` (nsum, n) in T and,
+// when not null, to `out_f64` in double.
+template <class T>
+struct ColumnSums {
+  double* partials;
+  T* out;
+  double* out_f64;
+};
+
+// Adds each thread's values v[s][i] over the block's ROWS rows and writes them as `sums` says,
+// per (chunk, sum, column). `nsum` is the same for the whole launch.
+template <int ROWS, int NSUM, int V, class T>
+__device__ __forceinline__ void write_column_sums(const double (&v)[NSUM][V], int nsum, const ColumnSums<T>& sums,
+                                                  int64_t n, int64_t c0, bool inside) {
+  __shared__ double red[ROWS * V * BWD_COLS];
 #pragma unroll
   for (int s = 0; s < NSUM; ++s) {
     if (s >= nsum) break;
@@ -65,24 +98,29 @@ __device__ __forceinline__ void write_column_partials(const double (&v)[NSUM][V]
       for (int i = 0; i < V; ++i) {
         double total = 0.0;
 #pragma unroll
-        for (int r = 0; r < BWD_ROWS; ++r) total += red[(r * V + i) * BWD_COLS + threadIdx.x];
-        partials[(int64_t(blockIdx.y) * nsum + s) * n + c0 + i] = total;
+        for (int r = 0; r < ROWS; ++r) total += red[(r * V + i) * BWD_COLS + threadIdx.x];
+        if (gridDim.y == 1) {
+          sums.out[s * n + c0 + i] = from_float<T>(float(total));
+          if (sums.out_f64 != nullptr) sums.out_f64[s * n + c0 + i] = total;
+        } else {
+          sums.partials[(int64_t(blockIdx.y) * nsum + s) * n + c0 + i] = total;
+        }
       }
     }
     __syncthreads();
   }
 }
 
-// Loads the packs at column c0 of g and of z (when not null) for rows r0, r0 + BWD_ROWS, ...
-// below r_end, U of them at most, and returns how many. Every load is issued before any value
-// is used: the rows are independent, and the compiler does not move loads above dz's stores.
-template <class T, int V, int U>
+// Loads the packs at column c0 of g and of z (when not null) for rows r0, r0 + ROWS, ... below
+// r_end, U of them at most, and returns how many. Every load is issued before any value is
+// used: the rows are independent, and the compiler does not move loads above dz's stores.
+template <class T, int V, int U, int ROWS>
 __device__ __forceinline__ int load_rows(const T* __restrict__ g, const T* __restrict__ z, int64_t r0,
                                          int64_t r_end, int64_t n, int64_t c0, float (&gv)[U][V], float (&zv)[U][V]) {
   int rows = 0;
 #pragma unroll
   for (int j = 0; j < U; ++j) {
-    const int64_t r = r0 + j * BWD_ROWS;
+    const int64_t r = r0 + j * ROWS;
     if (r < r_end) {
       load_pack<T, V>(g + r * n + c0, gv[j]);
       if (z != nullptr) load_pack<T, V>(z + r * n + c0, zv[j]);
@@ -113,8 +151,10 @@ __device__ __forceinline__ ColumnBackward load_column_backward(const FusedBackwa
 
 // Sweep 1 of the BatchNorm backward: partial Σ g·x̂ and Σ g per column (rows d_gamma, d_beta).
 template <class T, int V, class Epilogue>
-__global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
-    batch_norm_sums_kernel(const FusedBackwardArgs a, const Epilogue epi, int64_t chunk_rows, double* partials) {
+__global__ void __launch_bounds__(BWD_COLS* backward_rows<T, true>)
+    batch_norm_sums_kernel(const FusedBackwardArgs a, const Epilogue epi, int64_t chunk_rows,
+                           const ColumnSums<T> sums) {
+  constexpr int ROWS = backward_rows<T, true>;
   const int64_t m = a.m, n = a.n;
   const int64_t c0 = (int64_t(blockIdx.x) * BWD_COLS + threadIdx.x) * V;
   const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
@@ -127,7 +167,7 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
     for (int i = 0; i < V; ++i) col[i] = load_column_backward<T>(a, c0 + i);
     const int64_t r_end = min(m, int64_t(blockIdx.y + 1) * chunk_rows);
 #pragma unroll BWD_UNROLL
-    for (int64_t r = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r < r_end; r += BWD_ROWS) {
+    for (int64_t r = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r < r_end; r += ROWS) {
       float gv[V], zv[V];
       load_pack<T, V>(g + r * n + c0, gv);
       load_pack<T, V>(z + r * n + c0, zv);
@@ -139,7 +179,7 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
       }
     }
   }
-  write_column_partials<2, V>(v, 2, partials, n, c0, inside);
+  write_column_sums<ROWS, 2, V>(v, 2, sums, n, c0, inside);
 }
 
 // du = k · g + du_u · u + du_1: the gradient at u of a BatchNorm's output gradient g, per column.
@@ -161,9 +201,10 @@ struct BatchNormGrad {
 // one loop, takes one row per step (it measured slower with BWD_UNROLL: its whole bf16
 // backward 75 instead of 64 µs) and leaves the unrolling to the compiler.
 template <class T, int V, bool BatchNorm, class Epilogue>
-__global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
-    epilogue_backward_kernel(const FusedBackwardArgs a, const Epilogue epi, int64_t chunk_rows, double* partials,
-                             const double* bn_sums) {
+__global__ void __launch_bounds__(BWD_COLS* backward_rows<T, BatchNorm>)
+    epilogue_backward_kernel(const FusedBackwardArgs a, const Epilogue epi, int64_t chunk_rows,
+                             const ColumnSums<T> sums, const double* bn_sums) {
+  constexpr int ROWS = backward_rows<T, BatchNorm>;
   using Real = std::conditional_t<BatchNorm, double, float>;  // the per-element arithmetic
   constexpr int U = BatchNorm ? 1 : BWD_UNROLL;                // rows loaded before any is used
   const int64_t m = a.m, n = a.n;
@@ -200,9 +241,9 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
     const auto sweep = [&](auto has_scale) {
       constexpr bool HasScale = decltype(has_scale)::value;
 #pragma unroll(BatchNorm ? BWD_UNROLL : 1)
-      for (int64_t r0 = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r0 < r_end; r0 += BWD_ROWS * U) {
+      for (int64_t r0 = int64_t(blockIdx.y) * chunk_rows + threadIdx.y; r0 < r_end; r0 += ROWS * U) {
         float gv[U][V], zv[U][V];
-        const int rows = load_rows<T, V, U>(g, z, r0, r_end, n, c0, gv, zv);
+        const int rows = load_rows<T, V, U, ROWS>(g, z, r0, r_end, n, c0, gv, zv);
         [[maybe_unused]] float step[2][V] = {};  // without a BatchNorm: this step's terms of the sums
 #pragma unroll
         for (int j = 0; j < U; ++j) {
@@ -231,7 +272,7 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
             out[i] = float(d);
             add(0, d);
           }
-          store_pack<T, V>(dz + (r0 + j * BWD_ROWS) * n + c0, out);
+          store_pack<T, V>(dz + (r0 + j * ROWS) * n + c0, out);
         }
         if constexpr (!BatchNorm) {
 #pragma unroll
@@ -248,7 +289,7 @@ __global__ void __launch_bounds__(BWD_COLS* BWD_ROWS)
       sweep(std::true_type{});
     }
   }
-  write_column_partials<2, V>(v, 1 + a.has_scale, partials, n, c0, inside);
+  write_column_sums<ROWS, 2, V>(v, 1 + a.has_scale, sums, n, c0, inside);
 }
 
 // Adds the chunks of each column in order: `out` gets `nsum` rows in T, `out_f64` (optional)
@@ -268,35 +309,44 @@ __global__ void reduce_partials_kernel(const double* partials, int64_t chunks, i
 
 template <class T, int V>
 cudaError_t launch_backward(const FusedBackwardArgs& a, cudaStream_t stream) {
-  const int64_t chunk_rows = backward_chunk_rows(a.m, a.n, a.dtype);
+  const bool batch_norm = a.batch_norm != FUSED_BN_NONE;
+  const int64_t chunk_rows = backward_chunk_rows(a.m, a.n, a.dtype, batch_norm);
   const int64_t chunks = ceil_div(a.m, chunk_rows);
   // The workspace holds doubles: the partials, then [d_gamma; d_beta].
   double* partials = reinterpret_cast<double*>(a.workspace);
   double* bn_sums = partials + chunks * 2 * a.n;
   T* dparams = static_cast<T*>(a.dparams);
   const dim3 grid(unsigned(ceil_div(a.n, BWD_COLS * V)), unsigned(chunks));
-  const dim3 block(BWD_COLS, BWD_ROWS);
+  const dim3 block(BWD_COLS, backward_shape(batch_norm, sizeof(T) == 4).rows);
   const unsigned reduce_blocks = unsigned(ceil_div(a.n, 256));
   const int64_t gamma_row = 1 + a.has_scale;
+  const ColumnSums<T> param_sums{partials, dparams, nullptr};
   // One instantiation per activation: a kernel that could run any of them would hold the
   // registers of the largest (the erf GELU) whatever it runs, and these kernels need occupancy.
   FUSED_TRY(dispatch_epilogue(a.activation, a.residual != 0, [&](auto epi) {
     using Epilogue = decltype(epi);
-    if (a.batch_norm != FUSED_BN_NONE) {
-      batch_norm_sums_kernel<T, V, Epilogue><<<grid, block, 0, stream>>>(a, epi, chunk_rows, partials);
+    if (batch_norm) {
+      const ColumnSums<T> bn_param_sums{partials, dparams + gamma_row * a.n, bn_sums};
+      batch_norm_sums_kernel<T, V, Epilogue><<<grid, block, 0, stream>>>(a, epi, chunk_rows, bn_param_sums);
       FUSED_TRY(cudaGetLastError());
-      reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 2, a.n,
-                                                                   dparams + gamma_row * a.n, bn_sums);
-      FUSED_TRY(cudaGetLastError());
-      epilogue_backward_kernel<T, V, true, Epilogue><<<grid, block, 0, stream>>>(a, epi, chunk_rows, partials, bn_sums);
+      if (chunks > 1) {
+        reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 2, a.n,
+                                                                     dparams + gamma_row * a.n, bn_sums);
+        FUSED_TRY(cudaGetLastError());
+      }
+      epilogue_backward_kernel<T, V, true, Epilogue>
+          <<<grid, block, 0, stream>>>(a, epi, chunk_rows, param_sums, bn_sums);
     } else {
-      epilogue_backward_kernel<T, V, false, Epilogue><<<grid, block, 0, stream>>>(a, epi, chunk_rows, partials, bn_sums);
+      epilogue_backward_kernel<T, V, false, Epilogue>
+          <<<grid, block, 0, stream>>>(a, epi, chunk_rows, param_sums, bn_sums);
     }
     return cudaGetLastError();
   }));
-  reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 1 + a.has_scale, a.n, dparams,
-                                                               nullptr);
-  FUSED_TRY(cudaGetLastError());
+  if (chunks > 1) {
+    reduce_partials_kernel<T><<<reduce_blocks, 256, 0, stream>>>(partials, chunks, 1 + a.has_scale, a.n, dparams,
+                                                                 nullptr);
+    FUSED_TRY(cudaGetLastError());
+  }
   if (a.batch_norm == FUSED_BN_EVAL) {
     // The running statistics are buffers, not parameters: their gradient rows are zero.
     FUSED_TRY(cudaMemsetAsync(dparams + (gamma_row + 2) * a.n, 0, 2 * a.n * sizeof(T), stream));
@@ -307,7 +357,7 @@ cudaError_t launch_backward(const FusedBackwardArgs& a, cudaStream_t stream) {
 }  // namespace fused
 
 extern "C" int64_t fused_backward_workspace_floats(const FusedBackwardArgs* a) {
-  const int64_t chunks = fused::ceil_div(a->m, fused::backward_chunk_rows(a->m, a->n, a->dtype));
+  const int64_t chunks = fused::ceil_div(a->m, fused::backward_chunk_rows(a->m, a->n, a->dtype, a->batch_norm != FUSED_BN_NONE));
   const int64_t doubles = chunks * 2 * a->n + 2 * a->n;
   return 2 * doubles;  // the workspace holds doubles; cudaMalloc's alignment suits them
 }
