@@ -1,5 +1,5 @@
-// The Hopper (sm_90a) f32 input gradient of a small batch: dx (m, k) = dz (m, n) · W (n, k), for
-// m ≤ 128, in exact f32 (fp32-accurate by the 3xTF32 split) or in TF32, reading W as it is stored.
+// The Hopper (sm_90a) f32 input gradient dx (m, k) = dz (m, n) · W (n, k), in exact f32
+// (fp32-accurate by the 3xTF32 split) or in TF32, reading W as it is stored.
 //
 // Why its own kernel: TF32 wgmma reads a shared-memory operand only along the contraction, which
 // for dx runs down W's columns, across its rows. A GEMM on shared-memory operands therefore
@@ -10,11 +10,16 @@
 // consumer warpgroup), streams W's rows for them and dz's columns through a TMA pipeline, and
 // each consumer loads its W values into the A fragment with plain shared-memory loads, splitting
 // them into TF32 parts on the way. dz, whose rows do run along the contraction, is wgmma's B
-// operand, as it lies. The batch is wgmma's N, so one CTA covers all of it and W is read once.
-// Each consumer loads the next stage's A fragment while the tensor cores work on this stage's.
+// operand, as it lies. The batch is wgmma's N: a CTA covers 128 rows of it, and the CTAs of one
+// column tile are launched next to each other, so that they read its W rows from L2 together and
+// W comes from device memory about once. Each consumer loads the next stage's A fragment while
+// the tensor cores work on this stage's.
 // On an H200, SwishScale's input gradient takes 2.0 ms here in exact f32 (the transposed copy
 // and the 3xTF32 GEMM take 2.4 + 3.4 ms, cuBLAS fp32 5.2 ms) and 1.1 ms in TF32 (cuBLAS TF32
-// 1.36 ms): scripts/sm90_tile_sweep.cu's input-grad part.
+// 1.3 ms); the 1024-row input gradient of the 1024x8192->8192 problems 1.0 ms in exact f32 (the
+// copy and the GEMM 0.16 + 1.77 ms), but 0.45 ms in TF32, where cuBLAS takes 0.35 ms, so the
+// crate runs TF32 here only for batches of at most 128 rows: scripts/sm90_tile_sweep.cu's
+// input-grad part.
 //
 // Exact f32 is the 3xTF32 split of split_tf32_sm90.cuh: small_w·big_dz + big_w·small_dz +
 // big_w·big_dz, big being the value truncated to TF32 (as tensor cores read an f32) and small the
@@ -34,11 +39,10 @@
 // chunks the swizzle keeps apart: rows g < 4 and g ≥ 4 sit four chunks apart, and every load of
 // the warp then covers the 32 banks once. The output is written through the same map.
 //
-// Taken: 1 ≤ m ≤ 128; n and k multiples of 4 (TMA's 16-byte row strides); 16-byte aligned
-// pointers; at least half as many 128-column tiles as the device has SMs (one tile per CTA; a
-// narrower dx leaves SMs idle that the general path would use). Anything else is not taken, and
-// the caller runs the general path. The contraction's tail and the batch rows past m are
-// zero-filled by TMA; dx's columns past k are not stored.
+// Taken: n and k multiples of 4 (TMA's 16-byte row strides); 16-byte aligned pointers; at least
+// half as many (128-column, 128-row) tiles of dx as the device has SMs (one tile per CTA; a
+// smaller dx leaves SMs idle that the general path would use). The contraction's tail and the
+// batch rows past m are zero-filled by TMA; dx's columns past k and rows past m are not stored.
 #include "common.cuh"
 #include "fused_linear.h"
 #include "linear_sm90.cuh"
@@ -99,6 +103,7 @@ struct Params {
   TmaDz tma_dz_small;   // in exact f32, dz's TF32 remainders
   float* dx;
   int m, n, k;
+  int batch_tiles;  // CTAs per 128-column tile of dx: ceil(m / 128)
 };
 
 // dx (m, k) = dz (m, n) · W (n, k); `dz_part` (m, n) receives dz's remainders (exact f32) or dz
@@ -138,17 +143,18 @@ __global__ void __launch_bounds__(kThreads, 1) input_grad_kernel(const __grid_co
   }
   __syncthreads();
   const int steps = int(ceil_div(p.n, kDepth));
+  const int batch_tile = int(blockIdx.x) % p.batch_tiles, column_tile = int(blockIdx.x) / p.batch_tiles;
 
   if (warp_group == 0) {
     cutlass::arch::warpgroup_reg_dealloc<40>();
     if (threadIdx.x != 0) return;
     Tensor gW = local_tile(p.tma_w.get_tma_tensor(make_shape(p.k, p.n)), Shape<Int<kTile>, Int<kDepth>>{},
-                           make_coord(int(blockIdx.x), _));  // (128, 32, steps)
+                           make_coord(column_tile, _));  // (128, 32, steps)
     auto [tWg, tWs] = tma_partition(p.tma_w, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sW), group_modes<0, 2>(gW));
     auto dz_tiles = [&](const auto& tma, int part) {
       Tensor sDz = make_tensor(make_smem_ptr(smem.dz[part].begin()), typename C::LayoutDz{});
       Tensor gDz = local_tile(tma.get_tma_tensor(make_shape(p.m, p.n)), Shape<Int<kBatch>, Int<kDepth>>{},
-                              make_coord(0, _));  // (128, 32, steps)
+                              make_coord(batch_tile, _));  // (128, 32, steps)
       return tma_partition(tma, Int<0>{}, Layout<_1>{}, group_modes<0, 2>(sDz), group_modes<0, 2>(gDz));
     };
     auto [tDg, tDs] = dz_tiles(p.tma_dz, 0);
@@ -269,17 +275,17 @@ __global__ void __launch_bounds__(kThreads, 1) input_grad_kernel(const __grid_co
   }
 
   // The accumulator's layout (wgmma's): value 4j + 2h + e of a thread is at row g + 8h of its
-  // warp's 16, batch row 8j + 2t + e.
+  // warp's 16, batch row 8j + 2t + e of the tile.
   CUTE_UNROLL
   for (int h = 0; h < 2; ++h) {
-    const int64_t column = int64_t(blockIdx.x) * kTile + kRows * consumer + fragment_column(warp, g, h);
+    const int64_t column = int64_t(column_tile) * kTile + kRows * consumer + fragment_column(warp, g, h);
     if (column >= p.k) continue;
     CUTE_UNROLL
     for (int j = 0; j < kBatch / 8; ++j) {
       CUTE_UNROLL
       for (int e = 0; e < 2; ++e) {
-        const int row = 8 * j + 2 * t + e;
-        if (row < p.m) p.dx[int64_t(row) * p.k + column] = sum(4 * j + 2 * h + e);
+        const int64_t row = int64_t(batch_tile) * kBatch + 8 * j + 2 * t + e;
+        if (row < p.m) p.dx[row * p.k + column] = sum(4 * j + 2 * h + e);
       }
     }
   }
@@ -319,10 +325,13 @@ cudaError_t launch(const Problem& a, int device, cudaStream_t stream) {
   };
   auto tma_dz = dz_tma(C::exact ? a.dz : a.dz_part);
   using P = Params<decltype(tma_w), decltype(tma_dz)>;
-  const P params{tma_w, tma_dz, dz_tma(a.dz_part), a.dx, m, n, k};
+  const int batch_tiles = int(ceil_div(m, kBatch));
+  const P params{tma_w, tma_dz, dz_tma(a.dz_part), a.dx, m, n, k, batch_tiles};
   constexpr int smem_bytes = int(sizeof(typename C::SharedStorage));
   FUSED_TRY(allow_dynamic_smem<input_grad_kernel<C, P>>(smem_bytes, device));
-  input_grad_kernel<C, P><<<unsigned(ceil_div(k, kTile)), kThreads, smem_bytes, stream>>>(params);
+  // The batch tiles of a column tile run side by side (see the file comment).
+  const unsigned ctas = unsigned(ceil_div(k, kTile) * batch_tiles);
+  input_grad_kernel<C, P><<<ctas, kThreads, smem_bytes, stream>>>(params);
   return cudaGetLastError();
 }
 
@@ -331,8 +340,12 @@ using ShippedExact = Config<4, true>;
 using ShippedTf32 = Config<6, false>;
 
 bool takes(const Problem& a, int sm_count) {
-  return a.m >= 1 && a.m <= kBatch && a.n >= 1 && a.n % 4 == 0 && a.k >= 1 && a.k % 4 == 0 && a.n <= INT32_MAX &&
-         a.k <= INT32_MAX && 2 * ceil_div(a.k, kTile) >= sm_count && sm90::aligned16(a.dz) && sm90::aligned16(a.w) &&
+  if (a.m < 1 || a.n < 1 || a.n % 4 != 0 || a.k < 1 || a.k % 4 != 0 || a.m > INT32_MAX || a.n > INT32_MAX ||
+      a.k > INT32_MAX) {
+    return false;
+  }
+  const int64_t tiles = ceil_div(a.k, kTile) * ceil_div(a.m, kBatch);
+  return 2 * tiles >= sm_count && tiles <= INT32_MAX && sm90::aligned16(a.dz) && sm90::aligned16(a.w) &&
          sm90::aligned16(a.dx) && sm90::aligned16(a.dz_part);
 }
 

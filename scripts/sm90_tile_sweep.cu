@@ -364,17 +364,20 @@ void time_input_grad_kernel(const char* name, const FusedLinearArgs& a, float* d
   report(name, a, ms);
 }
 
-// The f32 input gradient dx (128, 32768) = dz (128, 32768) · W (32768, 32768) of SwishScale's
-// train step: the kernel that reads W as it lies, in exact f32 against the general path (W's
+// The f32 input gradients of SwishScale's train step, dx (128, 32768) = dz (128, 32768) · W
+// (32768, 32768), and of the 1024x8192->8192 ones, dx (1024, 8192) = dz (1024, 8192) · W (8192,
+// 8192): the kernel that reads W as it lies, in exact f32 against the general path (W's
 // transposed copy, then the 3xTF32 GEMM from it) and cuBLAS fp32, and in TF32 against cuBLAS
 // TF32.
-void sweep_input_grad(cublasHandle_t handle) {
-  FusedLinearArgs a = problem<float>(128, 32768, 32768, ACT_IDENTITY, 0);
+template <class GeneralPath>
+void sweep_input_grad_problem(cublasHandle_t handle, int64_t batch, int64_t width) {
+  FusedLinearArgs a = problem<float>(batch, width, width, ACT_IDENTITY, 0);
   cudaFree(const_cast<void*>(a.params.row[0]));
   a.params = FusedParamRows{};
   a.scale = 1.f;
   a.tf32 = 0;
-  printf("f32 input gradient 128x32768 from W 32768x32768\n");
+  printf("f32 input gradient %lldx%lld from W %lldx%lld\n", (long long)batch, (long long)width, (long long)width,
+         (long long)width);
   float* dz_part = random_buffer<float>(a.m * a.k, 5, 0.f);
   time_input_grad_kernel<input_grad::ShippedExact>("exact: input-grad kernel, 4 stages (shipped)", a, dz_part);
   time_input_grad_kernel<InputGradExact3>("exact: input-grad kernel, 3 stages", a, dz_part);
@@ -387,7 +390,7 @@ void sweep_input_grad(cublasHandle_t handle) {
   const float transpose_ms = median_ms([&] { fused_transpose(a.w, w_t, a.n, a.k, FUSED_F32, nullptr); });
   cudaFree(w_t);
   printf("  %-44s %9.1f us\n", "exact: general path, W's transposed copy", transpose_ms * 1e3);
-  time_config<float, ExactNarrowBatch>("exact: general path, 3xTF32 GEMM from it", a);
+  time_config<float, GeneralPath>("exact: general path, 3xTF32 GEMM from it", a);
   const float alpha = 1.f, beta = 0.f;
   const int m = int(a.m), n = int(a.k), k = int(a.n);
   for (const auto& [mode, name] : {std::pair{CUBLAS_COMPUTE_32F_PEDANTIC, "exact: cuBLAS fp32"},
@@ -400,6 +403,11 @@ void sweep_input_grad(cublasHandle_t handle) {
     report(name, a, ms);
   }
   release(a);
+}
+
+void sweep_input_grad(cublasHandle_t handle) {
+  sweep_input_grad_problem<ExactNarrowBatch>(handle, 128, 32768);
+  sweep_input_grad_problem<ExactWideBatch>(handle, 1024, 8192);
 }
 
 // Runs the named parts (wide, narrow, weight-grad, exact, input-grad), or all of them.

@@ -609,12 +609,14 @@ fn half_precision_small_batch_weight_gradient_matches_float64() {
     }
 }
 
-/// The exact f32 input gradient of a batch of at most 128 rows, on the Hopper kernel that reads
-/// W as it lies.
+/// The exact f32 input gradient on the Hopper kernel that reads W as it lies, which takes
+/// batches of any size in tiles of 128 rows: the shapes above, and batches of three tiles whose
+/// last holds a single row or 44 rows, with k cutting the last column tile short.
 #[test]
-fn exact_small_batch_input_gradient_matches_float64() {
+fn exact_direct_input_gradient_matches_float64() {
     let Some(device) = gpu() else { return };
     swish_gradients_match_float64(&device, MODES[0], &DIRECT_INPUT_GRAD_SHAPES);
+    swish_gradients_match_float64(&device, MODES[0], &[(257, 4100, 72), (300, 4228, 36)]);
 }
 
 /// Every gradient of the swish op in `mode` at each (m, k, n) of `shapes`, against the CPU's in

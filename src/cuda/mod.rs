@@ -359,32 +359,14 @@ fn backward(
     Ok((dz, dparams))
 }
 
-/// Which transposed copies of the backward's operands [`linear_input_and_weight_grads`] takes
-/// for `dtype` and `precision`. TF32 tensor cores read both operands along the contraction: the
-/// weight gradient's runs over the batch (`dzᵀ`, `xᵀ`), the input gradient's down the columns of
-/// `W` (`Wᵀ`). Exact f32 runs both products on the fused kernels' 3xTF32 GEMM, which takes only
-/// that layout, but for the input gradient of a batch of at most [`DIRECT_INPUT_GRAD_ROWS`]
-/// rows, which reads `W` as it lies; TF32 on cuBLAS gains from the first two (0.05-0.1 ms off
-/// the 1024x8192->8192 train steps on an H200) and not from `Wᵀ`, whose copy costs more than it
-/// saves; bf16 and f16 tensor cores take either layout, and the copies only cost.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct TransposedOperands {
-    /// `dzᵀ` (n, m) and `xᵀ` (k, m).
-    pub batch: bool,
-    /// `Wᵀ` (k, n).
-    pub weight: bool,
-}
-
-impl TransposedOperands {
-    /// The copies that the backward products of a batch of `m` rows of `dtype` in `precision`
-    /// take.
-    pub(crate) fn of(dtype: DType, precision: Precision, m: usize) -> Self {
-        let f32 = dtype == DType::F32;
-        TransposedOperands {
-            batch: f32,
-            weight: f32 && precision == Precision::Exact && m > DIRECT_INPUT_GRAD_ROWS,
-        }
-    }
+/// Whether [`linear_input_and_weight_grads`] takes the batch-major copies `dzᵀ` (n, m) and
+/// `xᵀ` (k, m) of the backward's operands for `dtype`. TF32 tensor cores read both operands
+/// along the contraction, which for the weight gradient runs over the batch: exact f32 runs
+/// that product on the fused kernels' 3xTF32 GEMM, which takes only that layout, and TF32 on
+/// cuBLAS gains from it (0.05-0.1 ms off the 1024x8192->8192 train steps on an H200). bf16 and
+/// f16 tensor cores take either layout, and the copies would only cost.
+pub(crate) fn takes_batch_major(dtype: DType) -> bool {
+    dtype == DType::F32
 }
 
 /// `(rows, cols)ᵀ` of a contiguous operand, as a new contiguous (cols, rows) buffer.
@@ -463,7 +445,7 @@ pub(crate) fn param_table(rows: &[Operand], n: usize) -> Result<CudaStorage> {
 }
 
 /// The operands of a linear layer's backward products: `dz` (m, n), `x` (m, k), `w` (n, k),
-/// and the transposed copies that [`TransposedOperands::of`] asks for.
+/// and the transposed copies that [`takes_batch_major`] asks for.
 pub(crate) struct BackwardOperands<'a> {
     /// The gradient at the pre-activation.
     pub dz: Operand<'a>,
@@ -473,19 +455,17 @@ pub(crate) struct BackwardOperands<'a> {
     pub w: Operand<'a>,
     /// `dzᵀ` (n, m) and `xᵀ` (k, m).
     pub batch_major: Option<(Operand<'a>, Operand<'a>)>,
-    /// `Wᵀ` (k, n).
-    pub w_t: Option<Operand<'a>>,
 }
 
 /// The products of a linear layer's backward, `dx = dz·W` (m, k) and `dW = dzᵀ·x` (n, k), in
 /// the arithmetic that the dtype and `precision` ask for, whatever Candle's global
 /// reduced-precision switches say:
-/// - exact f32: the fused kernels' fp32-accurate 3xTF32 GEMM (`dx = dz·(Wᵀ)ᵀ`, `dW =
-///   dzᵀ·(xᵀ)ᵀ`, from the transposed copies, which it needs; `Wᵀ` is made here when not
-///   given), but for a batch of at most 128 rows: the input gradient on the Hopper kernel that
-///   reads `W` as it lies ([`input_grad_direct`]) when it takes the problem, and the
-///   weight gradient as one TF32 cuBLAS GEMM over split operands laid side by side
-///   ([`exact_weight_grad_from_split`]), both faster there;
+/// - exact f32: the input gradient on the Hopper kernel that reads `W` as it lies
+///   ([`input_grad_direct`]) when it takes the problem, else on the fused kernels'
+///   fp32-accurate 3xTF32 GEMM from a transposed copy of `W` made here (`dx = dz·(Wᵀ)ᵀ`); the
+///   weight gradient on that GEMM from the transposed copies, which it needs (`dW =
+///   dzᵀ·(xᵀ)ᵀ`), but for a batch of at most 128 rows as one TF32 cuBLAS GEMM over split
+///   operands laid side by side ([`exact_weight_grad_from_split`]), faster there;
 /// - TF32: cuBLAS on TF32 tensor cores, the weight gradient from `dzᵀ` and `xᵀ` when given;
 ///   for a batch of at most 128 rows on an sm_90 device, both products on the crate's own
 ///   kernels where they take the problem (the input gradient on [`input_grad_direct`]'s, the
@@ -504,7 +484,6 @@ pub(crate) fn linear_input_and_weight_grads(
         x,
         w,
         batch_major,
-        w_t,
     } = *operands;
     let dtype = operand_dtype(OP, &[("grad", dz.0), ("x", x.0), ("w", w.0)])?;
     if dtype == DType::F32 && precision == Precision::Exact {
@@ -529,10 +508,9 @@ pub(crate) fn linear_input_and_weight_grads(
         } else {
             product(dz_t, x_t, (n, k, m))?
         };
-        let dx = match (input_grad_direct(dz, w, (m, n, k), precision)?, w_t) {
-            (Some(dx), _) => dx,
-            (None, Some(w_t)) => product(dz, w_t, (m, k, n))?,
-            (None, None) => product(dz, (&transpose(w, (n, k))?, 0), (m, k, n))?,
+        let dx = match input_grad_direct(dz, w, (m, n, k), precision)? {
+            Some(dx) => dx,
+            None => product(dz, (&transpose(w, (n, k))?, 0), (m, k, n))?,
         };
         return Ok((dx, dw));
     }
@@ -648,16 +626,17 @@ fn cublas_input_and_weight_grads(
     Ok((dx, dw))
 }
 
-/// Batches of at most this many rows take the f32 input gradient from `W` as it lies
-/// ([`input_grad_direct`]), without a transposed copy (exact f32) or cuBLAS (TF32).
-const DIRECT_INPUT_GRAD_ROWS: usize = 128;
+/// TF32 batches of at most this many rows take the input gradient from `W` as it lies
+/// ([`input_grad_direct`]) rather than from cuBLAS; exact f32 batches of any size do, rather
+/// than from a transposed copy of `W`.
+const DIRECT_TF32_INPUT_GRAD_ROWS: usize = 128;
 
-/// The f32 input gradient `dx (m, k) = dz·W` of a batch of at most [`DIRECT_INPUT_GRAD_ROWS`]
-/// rows, in exact f32 or TF32 as `precision` says, on the Hopper kernel of
-/// `cuda-kernels/input_grad_sm90.cu`, which reads `w (n, k)` as it lies; or `None` when that
-/// kernel does not take the problem: a larger batch (checked here, before anything is
-/// allocated), another device, a shape or an alignment it does not take. Its scratch, dz's TF32
-/// remainders or rounded values (`m·n` f32 elements), is freed when it returns.
+/// The f32 input gradient `dx (m, k) = dz·W`, in exact f32 or TF32 as `precision` says, on the
+/// Hopper kernel of `cuda-kernels/input_grad_sm90.cu`, which reads `w (n, k)` as it lies; or
+/// `None` when that kernel does not take the problem: a TF32 batch of more than
+/// [`DIRECT_TF32_INPUT_GRAD_ROWS`] rows (checked here, before anything is allocated), another
+/// device, a shape or an alignment it does not take. Its scratch, dz's TF32 remainders or
+/// rounded values (`m·n` f32 elements), is freed when it returns.
 fn input_grad_direct(
     dz: Operand,
     w: Operand,
@@ -665,7 +644,7 @@ fn input_grad_direct(
     precision: Precision,
 ) -> Result<Option<CudaStorage>> {
     const OP: &str = "f32 input gradient";
-    if m > DIRECT_INPUT_GRAD_ROWS {
+    if precision == Precision::Tf32 && m > DIRECT_TF32_INPUT_GRAD_ROWS {
         return Ok(None);
     }
     let dev = dz.0.device().clone();

@@ -105,22 +105,20 @@ pub(super) fn input_and_weight_grads(
         },
         #[cfg(feature = "cuda")]
         Device::Cuda(_) => {
-            use crate::cuda::{BackwardOperands, TransposedOperands};
+            use crate::cuda::BackwardOperands;
             let ((m, n), k) = (dz.dims2()?, x.dim(1)?);
-            let wanted = TransposedOperands::of(dz.dtype(), precision, m);
-            let copy = |wanted: bool, t: &Tensor| wanted.then(|| cuda_transposed(t)).transpose();
-            let (dz_t, x_t) = (copy(wanted.batch, dz)?, copy(wanted.batch, x)?);
-            let w_t = copy(wanted.weight, w)?;
+            let wanted = crate::cuda::takes_batch_major(dz.dtype());
+            let copy = |t: &Tensor| wanted.then(|| cuda_transposed(t)).transpose();
+            let (dz_t, x_t) = (copy(dz)?, copy(x)?);
             let (dx, dw) = cuda_operands(
                 [dz, x, w],
-                [dz_t.as_ref(), x_t.as_ref(), w_t.as_ref()],
-                |[dz, x, w], [dz_t, x_t, w_t]| {
+                [dz_t.as_ref(), x_t.as_ref()],
+                |[dz, x, w], [dz_t, x_t]| {
                     let operands = BackwardOperands {
                         dz,
                         x,
                         w,
                         batch_major: dz_t.zip(x_t),
-                        w_t,
                     };
                     crate::cuda::linear_input_and_weight_grads(&operands, (m, n, k), precision)
                 },

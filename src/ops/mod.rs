@@ -20,10 +20,11 @@
 //! backward returns the gradients directly without Candle's gradient store. Both run the same
 //! fused backward: one kernel for the gradient at the pre-activation and the per-feature
 //! parameter gradients, then the input and weight products in the op's precision (on the GPU:
-//! exact f32 on the crate's fp32-accurate 3xTF32 GEMM, the others on cuBLAS; the weight gradient
-//! of a batch of at most 128 rows runs in exact f32 as one TF32 cuBLAS GEMM over the same split,
-//! and in TF32, f16 and bf16 on the crate's Hopper kernel; its f32 input gradient, on the
-//! crate's Hopper kernel that reads the weight as it lies).
+//! exact f32 on the crate's fp32-accurate 3xTF32 GEMM, the others on cuBLAS; the exact f32 input
+//! gradient, and the TF32 one of a batch of at most 128 rows, run on the crate's Hopper kernel
+//! that reads the weight as it lies; the weight gradient of a batch of at most 128 rows runs in
+//! exact f32 as one TF32 cuBLAS GEMM over the same split, and in TF32, f16 and bf16 on the
+//! crate's Hopper kernel).
 //!
 //! **What the forward keeps for the backward.** Only when some input tracks gradients (or the
 //! call is traced), the op keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in
@@ -34,12 +35,12 @@
 //!
 //! **What the backward allocates for a moment.** Tensor-core products read f32 operands along
 //! the contraction, so on the GPU the f32 backward makes transposed copies, freed when it
-//! returns: `dzᵀ` and `xᵀ` (batch-sized) in TF32 and exact f32, and in exact f32 also `Wᵀ`, one
-//! more weight-sized buffer. For a batch of at most 128 rows, exact f32 instead makes the split
-//! copies of `dzᵀ` and `xᵀ` (three times their size) and dz's TF32 remainders (its size), and
-//! makes `Wᵀ` only where the Hopper kernel that reads `W` as it lies does not take the input
-//! gradient (another GPU, or a shape it does not take); TF32 adds dz rounded to TF32 (its size)
-//! for that kernel.
+//! returns: `dzᵀ` and `xᵀ` (batch-sized) in TF32 and exact f32; for a batch of at most 128 rows,
+//! exact f32 instead makes the split copies of `dzᵀ` and `xᵀ` (three times their size). Exact
+//! f32 also makes dz's TF32 remainders (its size) for the Hopper kernel that reads `W` as it
+//! lies, and `Wᵀ`, one more weight-sized buffer, only where that kernel does not take the input
+//! gradient (another GPU, or a shape it does not take); TF32 makes dz rounded to TF32 (its size)
+//! for that kernel when a batch of at most 128 rows uses it.
 
 mod autograd;
 mod batch_norm;
