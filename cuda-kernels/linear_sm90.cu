@@ -11,7 +11,8 @@
 //
 // What it takes (anything else returns false and the portable kernel runs):
 //   - bf16 and f16; f32 with one TF32 product (tf32 == 1), and exact f32 as three TF32 products
-//     on split operands (split_tf32_sm90.cuh);
+//     on split operands (split_tf32_sm90.cuh) where the faster kernel of linear_exact_sm90.cu,
+//     which needs enough output tiles to fill the device, does not take the problem;
 //   - k % 8 == 0 and n % 8 == 0, x, w, y and z 16-byte aligned: TMA moves 16-byte aligned rows;
 //   - every activation, scale and residual, with z kept or not; BatchNorm none, eval and train
 //     (given the workspace of linear_sm90_workspace_floats); no params at all (a plain product,
@@ -693,6 +694,21 @@ bool takes_problem(const FusedLinearArgs& a) {
   return takes_shape(a) && aligned && epilogue && batch_norm;
 }
 
+// Launches `gemm` (a callable that enqueues the GEMM and returns its error) between the
+// BatchNorm kernels of `a`: the eval fold before it, the train-mode merge and normalisation after
+// it (of partial statistics over tiles of `row_tile` rows).
+template <class F>
+cudaError_t with_batch_norm(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream, F gemm) {
+  if (a.batch_norm == FUSED_BN_EVAL) {
+    FUSED_TRY(with_dtype(a.dtype, [&](auto tag) {
+      batch_norm_eval_fold_kernel<decltype(tag)><<<unsigned(ceil_div(a.n, 256)), 256, 0, stream>>>(a);
+      return cudaGetLastError();
+    }));
+  }
+  FUSED_TRY(gemm());
+  return a.batch_norm == FUSED_BN_TRAIN ? batch_norm_train_finalize(a, row_tile, stream) : cudaSuccess;
+}
+
 // Builds and launches the GEMM (after the eval fold, when there is one). Returns false, having
 // launched nothing, if CUTLASS does not take the arguments.
 template <class T, class Config>
@@ -713,16 +729,12 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
   if (G::Device::can_implement(args) != cutlass::Status::kSuccess) return false;
   // The GEMM's workspace follows the BatchNorm's in a.workspace (G::workspace_floats).
   const bool gemm_workspace = G::Device::get_workspace_size(args) != 0;
-  *status = [&]() -> cudaError_t {
-    if (gemm_workspace && a.workspace == nullptr) return cudaErrorInvalidValue;
-    if (eval) {
-      batch_norm_eval_fold_kernel<T><<<unsigned(ceil_div(a.n, 256)), 256, 0, stream>>>(a);
-      FUSED_TRY(cudaGetLastError());
-    }
-    FUSED_TRY(launch_gemm<G>(args, gemm_workspace ? a.workspace + G::batch_norm_floats(a) : nullptr, device, stream));
-    if (train) return batch_norm_train_finalize(a, G::stats_row_tile, stream);
-    return cudaSuccess;
-  }();
+  *status = gemm_workspace && a.workspace == nullptr
+                ? cudaErrorInvalidValue
+                : with_batch_norm(a, G::stats_row_tile, stream, [&] {
+                    return launch_gemm<G>(args, gemm_workspace ? a.workspace + G::batch_norm_floats(a) : nullptr,
+                                          device, stream);
+                  });
   return true;
 }
 
@@ -770,6 +782,11 @@ int64_t workspace_floats(const FusedLinearArgs& a, int sm_count, int device) {
 bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaError_t* status) {
   int device = 0, sm_count = 0;
   if (!sm90::takes_problem(a) || !sm90::usable_device(&device, &sm_count)) return false;
+  if (exact_forward::takes(a, sm_count)) {
+    *status = sm90::with_batch_norm(a, exact_forward::kRowTile, stream,
+                                    [&] { return exact_forward::launch(a, device, stream); });
+    return true;
+  }
   return with_dtype(
       a.dtype, [&](auto tag) { return sm90::run<decltype(tag)>(a, device, sm_count, stream, status); }, false);
 }
@@ -779,8 +796,11 @@ int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
   // Asked before the pointers are known: a launch that then falls to the portable kernel
   // leaves the GEMM's part unused.
   if (!sm90::takes_shape(a) || !sm90::usable_device(&device, &sm_count)) return 0;
-  return with_dtype(
+  const int64_t cutlass = with_dtype(
       a.dtype, [&](auto tag) { return sm90::workspace_floats<decltype(tag)>(a, sm_count, device); }, int64_t(0));
+  // The exact forward's kernel, where it takes the shape: unaligned pointers may still send the
+  // launch to CUTLASS's GEMM, so the workspace serves either.
+  return exact_forward::takes_shape(a, sm_count) ? std::max(cutlass, exact_forward::workspace_floats(a)) : cutlass;
 }
 
 #endif  // !FUSED_SM90_PIECES_ONLY

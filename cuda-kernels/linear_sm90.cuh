@@ -20,6 +20,24 @@ bool linear_forward_sm90(const FusedLinearArgs& args, cudaStream_t stream, cudaE
 // layout, and the folds; then, for the exact f32 GEMM, stream-K's partial tiles and flags.
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& args);
 
+// The exact f32 forward on the kernel that feeds W through registers (linear_exact_sm90.cu), for
+// the problems with enough output tiles to fill the device; linear_forward_sm90 runs it between
+// the BatchNorm kernels, and CUTLASS's 3xTF32 GEMM runs the other exact f32 problems.
+namespace exact_forward {
+// Rows of the tiles of the train-mode BatchNorm's partial statistics.
+constexpr int64_t kRowTile = 128;
+// Whether the kernel takes a problem of this shape and epilogue on a device of `sm_count` SMs.
+bool takes_shape(const FusedLinearArgs& args, int sm_count);
+// takes_shape, and the pointers aligned as TMA needs.
+bool takes(const FusedLinearArgs& args, int sm_count);
+// Floats of `args.workspace` it needs: BatchNorm's (as the CUTLASS path's, over tiles of
+// kRowTile rows), then x's TF32 remainders.
+int64_t workspace_floats(const FusedLinearArgs& args);
+// Enqueues the pass that splits x and the GEMM with the whole epilogue (the train-mode
+// BatchNorm's partial statistics included).
+cudaError_t launch(const FusedLinearArgs& args, int device, cudaStream_t stream);
+}  // namespace exact_forward
+
 // Shared by the Hopper kernels (weight_grad_sm90.cu, input_grad_sm90.cu) to decide what they take.
 namespace sm90 {
 // Whether the current device (stored in *device) is sm_90 and runs the sm_90a code, with its

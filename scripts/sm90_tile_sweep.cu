@@ -7,13 +7,15 @@
 // 128×32768→32768 in bf16 and TF32 (the narrow-batch configuration), the weight gradient of
 // that SwishScale's train step in bf16 and TF32 (cuBLAS's, CUTLASS's and the crate's own kernel
 // of weight_grad_sm90.cu with its alternatives), the exact f32
-// GEMM's two ways of sharing tiles between CTAs, and the exact f32 input gradient of that
+// GEMM's two ways of sharing tiles between CTAs against the register-operand kernel of
+// linear_exact_sm90.cu, and the exact f32 input gradient of that
 // SwishScale's train step (the kernel of input_grad_sm90.cu in its pipeline depths, the general
 // path's transpose and GEMM, and cuBLAS). Each line is the median of 40 launches after 5
 // warm-up ones, timed by CUDA events.
 #define FUSED_SM90_PIECES_ONLY
 #include "linear_sm90.cu"
 #include "input_grad_sm90.cu"
+#include "linear_exact_sm90.cu"
 #include "weight_grad_sm90.cu"
 
 #include <cublas_v2.h>
@@ -314,6 +316,27 @@ void sweep_narrow(cublasHandle_t handle, const char* precision) {
   release(a);
 }
 
+// The exact f32 forward of linear_exact_sm90.cu on `a`, its pass over x included.
+void time_exact_forward(const char* name, FusedLinearArgs a) {
+  int device = 0, sm_count = 0;
+  if (!usable_device(&device, &sm_count) || !fused::exact_forward::takes_shape(a, sm_count)) {
+    printf("  %-44s not taken\n", name);
+    return;
+  }
+  if (cudaMalloc(&a.workspace, fused::exact_forward::workspace_floats(a) * sizeof(float)) != cudaSuccess) {
+    printf("  %-44s no memory for its workspace\n", name);
+    return;
+  }
+  cudaError_t status = cudaSuccess;
+  const float ms = median_ms([&] { status = fused::exact_forward::launch(a, device, nullptr); });
+  cudaFree(a.workspace);
+  if (status != cudaSuccess || cudaDeviceSynchronize() != cudaSuccess) {
+    printf("  %-44s failed: %s\n", name, cudaGetErrorString(status != cudaSuccess ? status : cudaGetLastError()));
+    return;
+  }
+  report(name, a, ms);
+}
+
 // The exact f32 GEMM with whole tiles per CTA and with stream-K's split of the last two waves
 // (shipped), on SigmoidResidual's 1024×8192→8192 forward (512 tiles: 3.88 waves of 132), on
 // the weight gradient of its train step (8192×8192 from a 1024-deep contraction: 4096 tiles,
@@ -333,11 +356,12 @@ void sweep_exact() {
     FusedLinearArgs a = problem<float>(c.m, c.n, c.k, c.activation, c.residual);
     a.tf32 = 0;
     printf("%s\n", c.title);
+    time_exact_forward("register-operand kernel (shipped where taken)", a);
     if (c.m <= NARROW_BATCH_ROWS) {
-      time_config<float, ExactNarrowBatch>("cooperative 128x128, cluster 1x2, stream-K (shipped)", a);
+      time_config<float, ExactNarrowBatch>("cooperative 128x128, cluster 1x2, stream-K", a);
       time_config<float, ExactNarrowWholeTiles>("cooperative 128x128, cluster 1x2, whole tiles", a);
     } else {
-      time_config<float, ExactWideBatch>("cooperative 128x128, cluster 2x1, stream-K (shipped)", a);
+      time_config<float, ExactWideBatch>("cooperative 128x128, cluster 2x1, stream-K", a);
       time_config<float, ExactWideWholeTiles>("cooperative 128x128, cluster 2x1, whole tiles", a);
     }
     release(a);

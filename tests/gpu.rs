@@ -146,11 +146,21 @@ fn epilogues() -> Vec<Epilogue> {
 #[test]
 fn fused_linear_matches_cpu_on_odd_shapes() {
     let Some(device) = gpu() else { return };
-    for &(m, k, n) in &SHAPES {
-        for (dtype, precision, tol) in MODES {
+    fused_linear_matches_cpu(&device, &SHAPES, &MODES);
+}
+
+/// Every epilogue of `fused_linear` at each (m, k, n) of `shapes` in each of `modes`, against
+/// the CPU's in float64.
+fn fused_linear_matches_cpu(
+    device: &Device,
+    shapes: &[(usize, usize, usize)],
+    modes: &[(DType, Precision, f64)],
+) {
+    for &(m, k, n) in shapes {
+        for &(dtype, precision, tol) in modes {
             let bound = 1.0 / (k as f32).sqrt();
             let ops = operands(
-                &device,
+                device,
                 &[
                     (&[m, k], -1.0, 1.0),
                     (&[n, k], -bound, bound),
@@ -193,9 +203,26 @@ fn batch_norm_matches_cpu_on_odd_shapes() {
     // Besides the shared shapes, two tall batches, whose statistics come in more tiles than the
     // merge has threads per feature: on the Hopper path (k, n multiples of 8) and off it.
     let tall = [(2500, 24, 40), (2049, 13, 31)];
-    for &(m, k, n) in SHAPES.iter().filter(|s| s.0 >= 2).chain(&tall) {
-        for (dtype, precision, tol) in MODES {
-            let ops = batch_norm_operands(&device, (m, k, n), dtype);
+    let shapes: Vec<_> = SHAPES
+        .iter()
+        .filter(|s| s.0 >= 2)
+        .chain(&tall)
+        .copied()
+        .collect();
+    batch_norm_matches_cpu(&device, &shapes, &MODES);
+}
+
+/// `fused_linear_batch_norm` in eval and train mode, with a per-feature scale and with the swish
+/// epilogue, at each (m, k, n) of `shapes` (m ≥ 2) in each of `modes`, against the CPU's in
+/// float64: the output and the batch statistics.
+fn batch_norm_matches_cpu(
+    device: &Device,
+    shapes: &[(usize, usize, usize)],
+    modes: &[(DType, Precision, f64)],
+) {
+    for &(m, k, n) in shapes {
+        for &(dtype, precision, tol) in modes {
+            let ops = batch_norm_operands(device, (m, k, n), dtype);
             for train in [false, true] {
                 for epilogue in [Epilogue::per_feature_scale(), Epilogue::swish_scale(2.0)] {
                     let run = |t: &[Tensor]| {
@@ -617,6 +644,19 @@ fn exact_direct_input_gradient_matches_float64() {
     let Some(device) = gpu() else { return };
     swish_gradients_match_float64(&device, MODES[0], &DIRECT_INPUT_GRAD_SHAPES);
     swish_gradients_match_float64(&device, MODES[0], &[(257, 4100, 72), (300, 4228, 36)]);
+}
+
+/// The exact f32 forward on the Hopper kernel that feeds W through registers, which takes the
+/// problems with at least half as many 128x128 tiles of y as the device has SMs: every epilogue,
+/// both BatchNorm modes and the gradients (whose forward keeps z), on shapes whose last tiles
+/// hold 1 row, 44 rows or 8 columns, and whose contraction ends 8 values into a 32-value stage.
+#[test]
+fn exact_register_operand_forward_matches_cpu() {
+    let Some(device) = gpu() else { return };
+    let shapes = [(257, 72, 4104), (300, 136, 4232), (100, 40, 8456)];
+    fused_linear_matches_cpu(&device, &shapes, &MODES[..1]);
+    batch_norm_matches_cpu(&device, &shapes, &MODES[..1]);
+    swish_gradients_match_float64(&device, MODES[0], &shapes);
 }
 
 /// Every gradient of the swish op in `mode` at each (m, k, n) of `shapes`, against the CPU's in

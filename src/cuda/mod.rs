@@ -208,7 +208,8 @@ fn forward(
         0 => None,
         // SAFETY: the kernels write every float of it before they read it: the partials before
         // the merge, the merged factors before the normalisation, stream-K's partial tiles
-        // before their sums; the launch zeroes stream-K's flags first.
+        // before their sums, x's TF32 remainders before the exact GEMM that reads them; the
+        // launch zeroes stream-K's flags first.
         len => Some(unsafe { dev.alloc::<f32>(len)? }),
     };
     {

@@ -40,7 +40,9 @@
 //! f32 also makes dz's TF32 remainders (its size) for the Hopper kernel that reads `W` as it
 //! lies, and `Wᵀ`, one more weight-sized buffer, only where that kernel does not take the input
 //! gradient (another GPU, or a shape it does not take); TF32 makes dz rounded to TF32 (its size)
-//! for that kernel when a batch of at most 128 rows uses it.
+//! for that kernel when a batch of at most 128 rows uses it. The exact f32 forward, where its
+//! Hopper kernel takes the problem (enough output tiles to fill the GPU), makes x's TF32
+//! remainders (x's size) for as long as the product runs.
 
 mod autograd;
 mod batch_norm;
