@@ -38,7 +38,8 @@ int64_t workspace_floats(const FusedLinearArgs& args);
 cudaError_t launch(const FusedLinearArgs& args, int device, cudaStream_t stream);
 }  // namespace exact_forward
 
-// Shared by the Hopper kernels (weight_grad_sm90.cu, input_grad_sm90.cu) to decide what they take.
+// Shared by the Hopper kernels (weight_grad_sm90.cu, input_grad_sm90.cu, linear_exact_sm90.cu) to
+// decide what they take.
 namespace sm90 {
 // Whether the current device (stored in *device) is sm_90 and runs the sm_90a code, with its
 // SM count in *sm_count.

@@ -39,6 +39,8 @@
 
 #if defined(FUSED_SM90)
 
+#include <algorithm>
+
 #include <cute/tensor.hpp>
 #include <cutlass/arch/barrier.h>
 #include <cutlass/arch/reg_reconfig.h>
