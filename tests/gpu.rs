@@ -906,40 +906,44 @@ fn reference_sizes_match_float64_spot_checks() {
 }
 
 /// `Precision::Exact` is fp32-accurate: its error against float64 is at most twice that of
-/// Candle's cuBLAS fp32 matmul on the same inputs.
+/// Candle's cuBLAS fp32 matmul on the same inputs. The first shape runs on CUTLASS's 3xTF32 GEMM,
+/// the second (enough 128x128 tiles of y to fill a Hopper GPU) on the kernel that feeds W
+/// through registers.
 #[test]
 fn exact_f32_is_as_accurate_as_cublas_fp32() {
     let Some(device) = gpu() else { return };
     candle_core::cuda::set_gemm_reduced_precision_f32(false);
-    let (m, k, n) = (256, 8192, 1024);
-    let x = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
-    let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
-    let b = Tensor::zeros(n, DType::F32, &device).unwrap();
-    let ours = fused_linear(&x, &w, Some(&b), None, Epilogue::IDENTITY, Precision::Exact).unwrap();
-    let cublas = x.matmul(&w.t().unwrap()).unwrap();
-    let rows = 0..16;
-    let x64 = x
-        .i(rows.clone())
-        .unwrap()
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    let w64 = w
-        .to_device(&Device::Cpu)
-        .unwrap()
-        .to_dtype(DType::F64)
-        .unwrap();
-    let reference = x64.matmul(&w64.t().unwrap()).unwrap();
-    let ours_err = max_rel_error(&ours.i(rows.clone()).unwrap(), &reference);
-    let cublas_err = max_rel_error(&cublas.i(rows).unwrap(), &reference);
-    println!(
-        "f32 error vs float64 at {m}x{k}->{n}: exact {ours_err:.2e}, cuBLAS fp32 {cublas_err:.2e}"
-    );
-    assert!(
-        ours_err <= 2.0 * cublas_err,
-        "exact {ours_err:.2e} vs cuBLAS {cublas_err:.2e}"
-    );
+    for (m, k, n) in [(256, 8192, 1024), (256, 8192, 8192)] {
+        let x = Tensor::randn(0f32, 1.0, (m, k), &device).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (n, k), &device).unwrap();
+        let b = Tensor::zeros(n, DType::F32, &device).unwrap();
+        let ours =
+            fused_linear(&x, &w, Some(&b), None, Epilogue::IDENTITY, Precision::Exact).unwrap();
+        let cublas = x.matmul(&w.t().unwrap()).unwrap();
+        let rows = 0..16;
+        let x64 = x
+            .i(rows.clone())
+            .unwrap()
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let w64 = w
+            .to_device(&Device::Cpu)
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
+        let reference = x64.matmul(&w64.t().unwrap()).unwrap();
+        let ours_err = max_rel_error(&ours.i(rows.clone()).unwrap(), &reference);
+        let cublas_err = max_rel_error(&cublas.i(rows).unwrap(), &reference);
+        println!(
+            "f32 error vs float64 at {m}x{k}->{n}: exact {ours_err:.2e}, cuBLAS fp32 {cublas_err:.2e}"
+        );
+        assert!(
+            ours_err <= 2.0 * cublas_err,
+            "{m}x{k}->{n}: exact {ours_err:.2e} vs cuBLAS {cublas_err:.2e}"
+        );
+    }
 }
 
 /// The backward products of `Precision::Exact` are fp32-accurate too: the input and weight
