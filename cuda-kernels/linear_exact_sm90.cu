@@ -31,9 +31,6 @@
 
 namespace fused {
 
-// Defined in batch_norm.cu.
-int64_t batch_norm_train_workspace_floats(int64_t m, int64_t n, int64_t row_tile);
-
 namespace exact_forward {
 
 using register_operand::kBatch;
@@ -126,14 +123,8 @@ struct FusedEpilogue {
   }
 };
 
-// Floats of the workspace before x's remainders: the BatchNorm's, rounded up to 128 bytes.
-int64_t batch_norm_floats(const FusedLinearArgs& a) {
-  switch (a.batch_norm) {
-    case FUSED_BN_EVAL: return ceil_div(2 * a.n, 32) * 32;
-    case FUSED_BN_TRAIN: return ceil_div(batch_norm_train_workspace_floats(a.m, a.n, kRowTile), 32) * 32;
-    default: return 0;
-  }
-}
+// Floats of the workspace before x's remainders: the BatchNorm's.
+int64_t batch_norm_floats(const FusedLinearArgs& a) { return sm90::batch_norm_workspace_floats(a, kRowTile); }
 
 float* x_remainders(const FusedLinearArgs& a) { return a.workspace + batch_norm_floats(a); }
 

@@ -488,6 +488,14 @@ using ExactNarrowBatch = Exact<Shape<_1, _2, _1>, StreamK>;
 using ExactNarrowWholeTiles = Exact<Shape<_1, _2, _1>, WholeTiles>;
 constexpr int64_t NARROW_BATCH_ROWS = 128;
 
+int64_t batch_norm_workspace_floats(const FusedLinearArgs& a, int64_t row_tile) {
+  switch (a.batch_norm) {
+    case FUSED_BN_EVAL: return ceil_div(2 * a.n, 32) * 32;
+    case FUSED_BN_TRAIN: return ceil_div(batch_norm_train_workspace_floats(a.m, a.n, row_tile), 32) * 32;
+    default: return 0;
+  }
+}
+
 template <class T, class Config>
 struct Gemm {
   using Element = T;
@@ -543,15 +551,8 @@ struct Gemm {
                      scheduler};
   }
 
-  // Floats of a.workspace that the BatchNorm takes (the eval fold, or the train-mode partial
-  // statistics and folds), rounded up to 128 bytes; the GEMM's own workspace follows.
-  static int64_t batch_norm_floats(const FusedLinearArgs& a) {
-    switch (a.batch_norm) {
-      case FUSED_BN_EVAL: return ceil_div(2 * a.n, 32) * 32;
-      case FUSED_BN_TRAIN: return ceil_div(batch_norm_train_workspace_floats(a.m, a.n, stats_row_tile), 32) * 32;
-      default: return 0;
-    }
-  }
+  // Floats of a.workspace that the BatchNorm takes; the GEMM's own workspace follows.
+  static int64_t batch_norm_floats(const FusedLinearArgs& a) { return batch_norm_workspace_floats(a, stats_row_tile); }
   // Floats of a.workspace in all: the BatchNorm's, then the GEMM's (stream-K's partial tiles and
   // the flags that order their sums).
   static int64_t workspace_floats(const FusedLinearArgs& a, int sm_count, int device) {

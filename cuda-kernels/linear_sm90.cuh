@@ -39,13 +39,17 @@ cudaError_t launch(const FusedLinearArgs& args, int device, cudaStream_t stream)
 }  // namespace exact_forward
 
 // Shared by the Hopper kernels (weight_grad_sm90.cu, input_grad_sm90.cu, linear_exact_sm90.cu) to
-// decide what they take.
+// decide what they take and to lay out their workspace.
 namespace sm90 {
 // Whether the current device (stored in *device) is sm_90 and runs the sm_90a code, with its
 // SM count in *sm_count.
 bool usable_device(int* device, int* sm_count);
 // Whether `p` is 16-byte aligned, as TMA needs.
 bool aligned16(const void* p);
+// Floats at the start of `args.workspace` that the BatchNorm around a GEMM takes, rounded up to
+// 128 bytes (what the GEMM keeps in the workspace follows): an eval-mode one's fold (2n), a
+// train-mode one's partial statistics over tiles of `row_tile` rows and its folds; 0 without.
+int64_t batch_norm_workspace_floats(const FusedLinearArgs& args, int64_t row_tile);
 }  // namespace sm90
 
 }  // namespace fused
