@@ -38,15 +38,13 @@ using NarrowTile = Shape<_128, cute::_16>;
 using WideCooperative128x256 = TileConfig<Cooperative, Shape<_2, _1, _1>, AutoTile, 128>;
 using WideCooperative256x128 = TileConfig<Cooperative256x128, Shape<_2, _1, _1>, AutoTile, 128>;
 using WidePingPongClusterN = TileConfig<PingPong, Shape<_1, _2, _1>, AutoTile, 128>;
-using NarrowDeepK = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, 128>;
-using Narrow128x128 = TileConfig<SplitCooperative, Shape<_1, _2, _1>, NarrowTile, 64>;
+// The narrow batch's tiles with other k steps: each stage reads `KBytes` contiguous bytes of
+// every row of w in the tile, where NarrowBatch (128x256) reads 128 (16-bit) or 64 (f32).
+template <int KBytes>
+using Narrow128x256 = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
+template <int KBytes>
+using Narrow128x128 = TileConfig<SplitCooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
 using NarrowNoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, 64>;
-// The narrow tiles with wider k steps: each stage reads `KBytes` contiguous bytes of every row
-// of w in the tile, where NarrowBatch reads 128 (16-bit) or 64 (f32).
-template <int KBytes>
-using NarrowWideK = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
-template <int KBytes>
-using Narrow128x128WideK = TileConfig<SplitCooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
 // The narrow batch's 128 tiles at n = 32768 leave 4 of 132 SMs idle; stream-K spreads their k
 // steps over every SM.
 template <class T>
@@ -315,13 +313,13 @@ void sweep_narrow(cublasHandle_t handle, const char* precision) {
   time_config<T, NarrowStreamK<T>>("cooperative 128x256, cluster 1x2, stream-K", a);
   time_config<T, NarrowStreamKNoCluster<T>>("cooperative 128x256, no cluster, stream-K", a);
   if constexpr (sizeof(T) == 2) {  // in f32, 128x256 tiles with 256-byte steps leave one stage
-    time_config<T, NarrowWideK<256>>("cooperative 128x256, k 256 B, cluster 1x2", a);
+    time_config<T, Narrow128x256<256>>("cooperative 128x256, k 256 B, cluster 1x2", a);
   }
-  time_config<T, Narrow128x128WideK<128>>("cooperative 128x128, k 128 B, cluster 1x2", a);
-  time_config<T, Narrow128x128WideK<256>>("cooperative 128x128, k 256 B, cluster 1x2", a);
+  time_config<T, Narrow128x128<128>>("cooperative 128x128, k 128 B, cluster 1x2", a);
+  time_config<T, Narrow128x128<256>>("cooperative 128x128, k 256 B, cluster 1x2", a);
   if constexpr (sizeof(T) == 4) {
-    time_config<T, NarrowDeepK>("cooperative 128x256x32, cluster 1x2", a);
-    time_config<T, Narrow128x128>("cooperative 128x128x16, cluster 1x2", a);
+    time_config<T, Narrow128x256<128>>("cooperative 128x256x32, cluster 1x2", a);
+    time_config<T, Narrow128x128<64>>("cooperative 128x128x16, cluster 1x2", a);
     time_config<T, NarrowNoCluster>("cooperative 128x256x16, no cluster", a);
   }
   release(a);
