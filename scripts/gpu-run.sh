@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # On the GPU machine, from the repository root, with the binaries of scripts/gpu-pack.sh in
-# .gpu/ (and the PyTorch peers script in .gpu/peers/ for the benchmark): GPU tests, the
-# compute-sanitizer runs, every shipped model through `run --device cuda` in every dtype, and
-# the benchmark next to PyTorch. Logs and results (at most nine files) go to $OUT (default
-# ./gpu-out); the benchmark tables go to standard output.
+# .gpu/ (and the PyTorch peers script with the models.py it imports in .gpu/peers/ for the
+# benchmark): GPU tests, the compute-sanitizer runs, every shipped model through
+# `run --device cuda` in every dtype, and the benchmark next to PyTorch. Logs and results (at
+# most nine files) go to $OUT (default ./gpu-out); the benchmark tables go to standard output.
 #
 #   scripts/gpu-run.sh [tests] [sanitizer] [models] [bench] [tiles]   (default: the first four)
 #
@@ -65,7 +65,9 @@ for step in $steps; do
   bench)
     echo "== benchmark"
     .gpu/bench --train --json "$OUT/bench.json" 2>&1
-    if [ -f .gpu/peers/peers.py ]; then
+    if [ -f .gpu/peers/peers.py ] && [ ! -f .gpu/peers/models.py ]; then
+      echo "bench: .gpu/peers/models.py, which peers.py imports, is missing"; status=1
+    elif [ -f .gpu/peers/peers.py ]; then
       (cd .gpu/peers && python3 peers.py --compile --train --json "$OUT/peers.json") 2>&1 | grep -v Warn
       python3 scripts/bench_report.py "$OUT/bench.json" "$OUT/peers.json" --svg "$OUT/bench.svg" | tee "$OUT/report.md"
     fi

@@ -33,36 +33,52 @@ struct Cooperative256x128 {
   using Epilogue = Cooperative::Epilogue;
   static constexpr int tile_m = 256, tile_n = 128;
 };
+// Two cooperative warpgroups on a 128x256 tile: the narrow batch's tile before 128x128 with
+// 256-byte k steps, when it read 128 bytes of each row of w per stage in 16 bits (four stages)
+// and 64 in f32 (seven stages).
+struct Cooperative128x256 {
+  using Mainloop = Cooperative::Mainloop;
+  using Epilogue = Cooperative::Epilogue;
+  static constexpr int tile_m = 128, tile_n = 256;
+};
+template <class T>
+constexpr int kNarrow128x256KBytes = sizeof(T) == 4 ? 64 : 128;
 using AutoTile = cutlass::epilogue::collective::EpilogueTileAuto;
 using NarrowTile = Shape<_128, cute::_16>;
-using WideCooperative128x256 = TileConfig<Cooperative, Shape<_2, _1, _1>, AutoTile, 128>;
+using WideCooperative128x256 = TileConfig<Cooperative128x256, Shape<_2, _1, _1>, AutoTile, 128>;
 using WideCooperative256x128 = TileConfig<Cooperative256x128, Shape<_2, _1, _1>, AutoTile, 128>;
 using WidePingPongClusterN = TileConfig<PingPong, Shape<_1, _2, _1>, AutoTile, 128>;
 // The narrow batch's tiles with other k steps: each stage reads `KBytes` contiguous bytes of
-// every row of w in the tile, where NarrowBatch (128x256) reads 128 (16-bit) or 64 (f32).
+// every row of w in the tile, where NarrowBatch (128x128) reads 256.
 template <int KBytes>
-using Narrow128x256 = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
+using Narrow128x256 = TileConfig<Cooperative128x256, Shape<_1, _2, _1>, NarrowTile, KBytes>;
 template <int KBytes>
-using Narrow128x128 = TileConfig<SplitCooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
-using NarrowNoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, 64>;
-// The narrow batch's 128 tiles at n = 32768 leave 4 of 132 SMs idle; stream-K spreads their k
-// steps over every SM.
+using Narrow128x128 = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
+using Narrow128x256NoCluster = TileConfig<Cooperative128x256, Shape<_1, _1, _1>, NarrowTile, 64>;
+// The shipped tile with x's tile multicast to four CTAs, and with its last wave's k steps spread
+// over every SM (256 tiles at n = 32768 are 1.94 waves of 132).
+using Narrow128x128Cluster4 = TileConfig<Cooperative, Shape<_1, cute::_4, _1>, NarrowTile, NarrowBatch::k_bytes>;
+using Narrow128x128StreamK =
+    TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, NarrowBatch::k_bytes, OneProduct, StreamK>;
+// The 128x256 tiles at n = 32768 are 128, which leave 4 of 132 SMs idle; stream-K spreads their
+// k steps over every SM.
 template <class T>
 using NarrowStreamK =
-    TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, NarrowBatch<T>::k_bytes, OneProduct, StreamK>;
+    TileConfig<Cooperative128x256, Shape<_1, _2, _1>, NarrowTile, kNarrow128x256KBytes<T>, OneProduct, StreamK>;
 // Clusters of four along n: x's tile multicast to four CTAs instead of two, halving x's reads
 // from L2 again (x is read once per column of tiles).
 template <class T>
-using NarrowCluster4 = TileConfig<Cooperative, Shape<_1, cute::_4, _1>, NarrowTile, NarrowBatch<T>::k_bytes>;
+using NarrowCluster4 = TileConfig<Cooperative128x256, Shape<_1, cute::_4, _1>, NarrowTile, kNarrow128x256KBytes<T>>;
 template <class T>
 using NarrowStreamKNoCluster =
-    TileConfig<Cooperative, Shape<_1, _1, _1>, NarrowTile, NarrowBatch<T>::k_bytes, OneProduct, StreamK>;
+    TileConfig<Cooperative128x256, Shape<_1, _1, _1>, NarrowTile, kNarrow128x256KBytes<T>, OneProduct, StreamK>;
 // The weight gradient's alternatives: larger epilogue subtiles, so that more of the output is in
 // flight in TMA stores (CUTLASS keeps two subtiles in flight).
-using Store128x64Cooperative128x256 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
-using Store128x64Cooperative128x256NoCluster = TileConfig<Cooperative, Shape<_1, _1, _1>, Shape<_128, cute::_64>, 128>;
-using Store128x64Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
-using Store128x32Cooperative128x128 = TileConfig<SplitCooperative, Shape<_2, _1, _1>, Shape<_128, cute::_32>, 128>;
+using Store128x64Cooperative128x256 = TileConfig<Cooperative128x256, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x64Cooperative128x256NoCluster =
+    TileConfig<Cooperative128x256, Shape<_1, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x64Cooperative128x128 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x32Cooperative128x128 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_32>, 128>;
 using Store64x64PingPong = TileConfig<PingPong, Shape<_2, _1, _1>, Shape<cute::_64, cute::_64>, 128>;
 
 // The weight-gradient kernel's alternatives (weight_grad_sm90.cu): strip width, dz tiles in
@@ -308,20 +324,22 @@ void sweep_narrow(cublasHandle_t handle, const char* precision) {
   FusedLinearArgs a = problem<T>(128, 32768, 32768, ACT_SILU, 0);
   printf("%s 128x32768->32768, SwishScale epilogue\n", precision);
   time_cublas(handle, a);
-  time_config<T, NarrowBatch<T>>("cooperative 128x256, cluster 1x2 (shipped)", a);
+  time_config<T, NarrowBatch>("cooperative 128x128, k 256 B, cluster 1x2 (shipped)", a);
+  time_config<T, Narrow128x128Cluster4>("cooperative 128x128, k 256 B, cluster 1x4", a);
+  time_config<T, Narrow128x128StreamK>("cooperative 128x128, k 256 B, cluster 1x2, stream-K", a);
+  time_config<T, Narrow128x128<128>>("cooperative 128x128, k 128 B, cluster 1x2", a);
+  if constexpr (sizeof(T) == 2) {  // in f32, 128x256 tiles with 256-byte steps leave one stage
+    time_config<T, Narrow128x256<256>>("cooperative 128x256, k 256 B, cluster 1x2", a);
+    time_config<T, Narrow128x256<128>>("cooperative 128x256, k 128 B, cluster 1x2", a);
+  } else {
+    time_config<T, Narrow128x256<128>>("cooperative 128x256, k 128 B, cluster 1x2", a);
+    time_config<T, Narrow128x256<64>>("cooperative 128x256, k 64 B, cluster 1x2", a);
+    time_config<T, Narrow128x128<64>>("cooperative 128x128, k 64 B, cluster 1x2", a);
+    time_config<T, Narrow128x256NoCluster>("cooperative 128x256, k 64 B, no cluster", a);
+  }
   time_config<T, NarrowCluster4<T>>("cooperative 128x256, cluster 1x4", a);
   time_config<T, NarrowStreamK<T>>("cooperative 128x256, cluster 1x2, stream-K", a);
   time_config<T, NarrowStreamKNoCluster<T>>("cooperative 128x256, no cluster, stream-K", a);
-  if constexpr (sizeof(T) == 2) {  // in f32, 128x256 tiles with 256-byte steps leave one stage
-    time_config<T, Narrow128x256<256>>("cooperative 128x256, k 256 B, cluster 1x2", a);
-  }
-  time_config<T, Narrow128x128<128>>("cooperative 128x128, k 128 B, cluster 1x2", a);
-  time_config<T, Narrow128x128<256>>("cooperative 128x128, k 256 B, cluster 1x2", a);
-  if constexpr (sizeof(T) == 4) {
-    time_config<T, Narrow128x256<128>>("cooperative 128x256x32, cluster 1x2", a);
-    time_config<T, Narrow128x128<64>>("cooperative 128x128x16, cluster 1x2", a);
-    time_config<T, NarrowNoCluster>("cooperative 128x256x16, no cluster", a);
-  }
   release(a);
 }
 
