@@ -54,7 +54,8 @@ template <int KBytes>
 using Narrow128x256 = TileConfig<Cooperative128x256, Shape<_1, _2, _1>, NarrowTile, KBytes>;
 template <int KBytes>
 using Narrow128x128 = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
-using Narrow128x256NoCluster = TileConfig<Cooperative128x256, Shape<_1, _1, _1>, NarrowTile, 64>;
+using Narrow128x256NoCluster =
+    TileConfig<Cooperative128x256, Shape<_1, _1, _1>, NarrowTile, kNarrow128x256KBytes<float>>;
 // The shipped tile with x's tile multicast to four CTAs, and with its last wave's k steps spread
 // over every SM (256 tiles at n = 32768 are 1.94 waves of 132).
 using Narrow128x128Cluster4 = TileConfig<Cooperative, Shape<_1, cute::_4, _1>, NarrowTile, NarrowBatch::k_bytes>;
@@ -328,11 +329,10 @@ void sweep_narrow(cublasHandle_t handle, const char* precision) {
   time_config<T, Narrow128x128Cluster4>("cooperative 128x128, k 256 B, cluster 1x4", a);
   time_config<T, Narrow128x128StreamK>("cooperative 128x128, k 256 B, cluster 1x2, stream-K", a);
   time_config<T, Narrow128x128<128>>("cooperative 128x128, k 128 B, cluster 1x2", a);
+  time_config<T, Narrow128x256<128>>("cooperative 128x256, k 128 B, cluster 1x2", a);
   if constexpr (sizeof(T) == 2) {  // in f32, 128x256 tiles with 256-byte steps leave one stage
     time_config<T, Narrow128x256<256>>("cooperative 128x256, k 256 B, cluster 1x2", a);
-    time_config<T, Narrow128x256<128>>("cooperative 128x256, k 128 B, cluster 1x2", a);
   } else {
-    time_config<T, Narrow128x256<128>>("cooperative 128x256, k 128 B, cluster 1x2", a);
     time_config<T, Narrow128x256<64>>("cooperative 128x256, k 64 B, cluster 1x2", a);
     time_config<T, Narrow128x128<64>>("cooperative 128x128, k 64 B, cluster 1x2", a);
     time_config<T, Narrow128x256NoCluster>("cooperative 128x256, k 64 B, no cluster", a);
