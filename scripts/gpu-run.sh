@@ -60,6 +60,10 @@ for step in $steps; do
           verdict="clean: every hazard reported lies in cuBLAS's kernels, none in the crate's"
           rc=0
         fi
+        if [ $rc -eq 0 ] && ! grep -q "test result: ok. 1 passed" "$log.part"; then
+          verdict="ran no test"
+          rc=1
+        fi
         echo "$test: $verdict; $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$log.part" | sed 's/=* *//')" | tee -a "$log"
         [ $rc -eq 0 ] || status=1
       done
