@@ -407,7 +407,11 @@ struct LinearEpilogue {
 //     tile, so that one's epilogue runs while the other multiplies (on H200 this beat two
 //     warpgroups sharing a 128x256 tile by 3-8% once the epilogue has an activation, and tied
 //     without one); clusters along m share the w tile; 128-byte k steps (64 16-bit or 32 f32
-//     elements) with the 128-byte TMA swizzle.
+//     elements) with the 128-byte TMA swizzle. On an H100, whose memory is 30% slower, the
+//     same tiles ran 1024x8192->8192 with SigmoidResidual's epilogue 15-21% behind cuBLAS's bare
+//     GEMM in TF32 and 12-15% in bf16, and two warpgroups sharing a 128x256 tile (which reads
+//     each tile of x for twice the output) 4.5-10% ahead of them: devices with memory under
+//     WIDE_BATCH_FAST_MEMORY_BYTES_PER_S run those (WideBatchSlowMemory).
 //   - Narrow (m <= 128: one row of tiles, so clusters go along n and share the x tile), bound by
 //     streaming w once. Two cooperative warpgroups share a 128x128 tile whose k steps are 256
 //     bytes (128 16-bit or 64 f32 elements, three stages): each stage reads 256 contiguous bytes
@@ -435,6 +439,11 @@ struct Cooperative {  // the narrow batch's and exact f32's tile
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
   static constexpr int tile_m = 128, tile_n = 128;
+};
+struct Cooperative128x256 {  // the wide batch's tile on devices with slower memory
+  using Mainloop = Cooperative::Mainloop;
+  using Epilogue = Cooperative::Epilogue;
+  static constexpr int tile_m = 128, tile_n = 256;
 };
 
 // How the mainloop multiplies: once, in the operands' own type (TF32 for f32) ...
@@ -476,6 +485,8 @@ struct TileConfig {
   using Sharing = TileSharing;
 };
 using WideBatch = TileConfig<PingPong, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
+using WideBatchSlowMemory =
+    TileConfig<Cooperative128x256, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
 using NarrowBatch = TileConfig<Cooperative, Shape<_1, _2, _1>, Shape<_128, cute::_16>, 256>;
 template <class Cluster, class Sharing>
 using Exact = TileConfig<Cooperative, Cluster, Shape<_128, cute::_16>, 128, ThreeProducts, Sharing>;
@@ -484,6 +495,9 @@ using ExactWideWholeTiles = Exact<Shape<_2, _1, _1>, WholeTiles>;
 using ExactNarrowBatch = Exact<Shape<_1, _2, _1>, StreamK>;
 using ExactNarrowWholeTiles = Exact<Shape<_1, _2, _1>, WholeTiles>;
 constexpr int64_t NARROW_BATCH_ROWS = 128;
+// Devices whose memory moves fewer bytes a second than this (an H100 SXM's HBM3: 3.35 TB/s; an
+// H200's HBM3e: 4.8) run the wide batch on WideBatchSlowMemory.
+constexpr double WIDE_BATCH_FAST_MEMORY_BYTES_PER_S = 4e12;
 
 int64_t batch_norm_workspace_floats(const FusedLinearArgs& a, int64_t row_tile) {
   switch (a.batch_norm) {
@@ -607,6 +621,7 @@ __global__ void batch_norm_eval_fold_kernel(const FusedLinearArgs a) {
 struct DeviceInfo {
   std::atomic<int> state{0};  // 0 unknown, 1 usable, -1 not
   std::atomic<int> sm_count{0};
+  std::atomic<bool> slow_memory{false};  // see WIDE_BATCH_FAST_MEMORY_BYTES_PER_S
 };
 static DeviceInfo device_info[MAX_DEVICES];
 
@@ -626,6 +641,16 @@ bool usable_device(int* device, int* sm_count) {
                     cudaFuncGetAttributes(&attr, batch_norm_eval_fold_kernel<float>) == cudaSuccess;
     if (!ok) cudaGetLastError();  // a failed query only means "not taken"
     state = ok && major == 9 && minor == 0 && attr.binaryVersion == 90 && sms > 0 ? 1 : -1;
+    // Peak memory bandwidth: two transfers per clock over the bus. A failed query keeps the
+    // ping-pong tiles.
+    int memory_khz = 0, bus_bits = 0;
+    if (cudaDeviceGetAttribute(&memory_khz, cudaDevAttrMemoryClockRate, *device) != cudaSuccess ||
+        cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, *device) != cudaSuccess) {
+      cudaGetLastError();
+    }
+    const double bytes_per_s = 2.0 * 1e3 * memory_khz * (bus_bits / 8.0);
+    info.slow_memory.store(bytes_per_s > 0 && bytes_per_s < WIDE_BATCH_FAST_MEMORY_BYTES_PER_S,
+                           std::memory_order_relaxed);
     info.sm_count.store(sms, std::memory_order_relaxed);
     info.state.store(state, std::memory_order_release);
   }
@@ -745,28 +770,30 @@ bool splits_k(const FusedLinearArgs& a) {
   return ceil_div(a.k, k_step) > cutlass::gemm::kernel::detail::PersistentTileSchedulerSm90StreamKParams::min_iters_per_sk_unit_;
 }
 
-// Calls f(Config{}) with the tile configuration that runs `a`, whose elements are T.
+// Calls f(Config{}) with the tile configuration that runs `a`, whose elements are T, on `device`
+// (known to usable_device).
 template <class T, class F>
-auto with_config(const FusedLinearArgs& a, F f) {
+auto with_config(const FusedLinearArgs& a, int device, F f) {
   if constexpr (sizeof(T) == 4) {
     if (a.tf32 == 0) {
       if (a.m <= NARROW_BATCH_ROWS) return splits_k(a) ? f(ExactNarrowBatch{}) : f(ExactNarrowWholeTiles{});
       return splits_k(a) ? f(ExactWideBatch{}) : f(ExactWideWholeTiles{});
     }
   }
-  return a.m <= NARROW_BATCH_ROWS ? f(NarrowBatch{}) : f(WideBatch{});
+  if (a.m <= NARROW_BATCH_ROWS) return f(NarrowBatch{});
+  return device_info[device].slow_memory.load(std::memory_order_relaxed) ? f(WideBatchSlowMemory{}) : f(WideBatch{});
 }
 
 template <class T>
 bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
   return with_config<T>(
-      a, [&](auto config) { return run_config<T, decltype(config)>(a, device, sm_count, stream, status); });
+      a, device, [&](auto config) { return run_config<T, decltype(config)>(a, device, sm_count, stream, status); });
 }
 
 // Floats of workspace that the configuration which runs `a` (elements T) needs.
 template <class T>
 int64_t workspace_floats(const FusedLinearArgs& a, int sm_count, int device) {
-  return with_config<T>(a, [&](auto config) {
+  return with_config<T>(a, device, [&](auto config) {
     return Gemm<typename Cutlass<T>::type, decltype(config)>::workspace_floats(a, sm_count, device);
   });
 }
