@@ -28,8 +28,9 @@
 //   column of every epilogue subtile (ColumnStatistics; a no-op otherwise)
 // Absent vectors are null pointers that CUTLASS reads as constants, and the activation and the
 // residual are run-time arguments, so one GEMM per element type and tile configuration serves
-// every epilogue: ten instantiations in all (three element types and exact f32, two batch
-// regimes, and exact f32 with either way of sharing tiles between CTAs).
+// every epilogue: thirteen instantiations in all (three element types on the narrow batch's tiles
+// and on the wide batch's two, and exact f32 in two batch regimes with either way of sharing tiles
+// between CTAs).
 //
 // BatchNorm: eval folds into the last node, f = γ/sqrt(rv + eps) and d = β − rm·f, computed by a
 // small kernel before the GEMM (which also writes the running statistics to `stats`, as the
