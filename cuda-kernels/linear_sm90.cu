@@ -436,15 +436,13 @@ struct PingPong {
   using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
   static constexpr int tile_m = 128, tile_n = 128;
 };
-struct Cooperative {  // the narrow batch's and exact f32's tile
+// Cooperative<128, 128> is the narrow batch's and exact f32's tile, Cooperative<128, 256> the
+// wide batch's on devices with slower memory.
+template <int TileM, int TileN>
+struct Cooperative {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
   using Epilogue = cutlass::epilogue::TmaWarpSpecializedCooperative;
-  static constexpr int tile_m = 128, tile_n = 128;
-};
-struct Cooperative128x256 {  // the wide batch's tile on devices with slower memory
-  using Mainloop = Cooperative::Mainloop;
-  using Epilogue = Cooperative::Epilogue;
-  static constexpr int tile_m = 128, tile_n = 256;
+  static constexpr int tile_m = TileM, tile_n = TileN;
 };
 
 // How the mainloop multiplies: once, in the operands' own type (TF32 for f32) ...
@@ -487,10 +485,10 @@ struct TileConfig {
 };
 using WideBatch = TileConfig<PingPong, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
 using WideBatchSlowMemory =
-    TileConfig<Cooperative128x256, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
-using NarrowBatch = TileConfig<Cooperative, Shape<_1, _2, _1>, Shape<_128, cute::_16>, 256>;
+    TileConfig<Cooperative<128, 256>, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
+using NarrowBatch = TileConfig<Cooperative<128, 128>, Shape<_1, _2, _1>, Shape<_128, cute::_16>, 256>;
 template <class Cluster, class Sharing>
-using Exact = TileConfig<Cooperative, Cluster, Shape<_128, cute::_16>, 128, ThreeProducts, Sharing>;
+using Exact = TileConfig<Cooperative<128, 128>, Cluster, Shape<_128, cute::_16>, 128, ThreeProducts, Sharing>;
 using ExactWideBatch = Exact<Shape<_2, _1, _1>, StreamK>;
 using ExactWideWholeTiles = Exact<Shape<_2, _1, _1>, WholeTiles>;
 using ExactNarrowBatch = Exact<Shape<_1, _2, _1>, StreamK>;

@@ -28,49 +28,45 @@
 namespace fused::sm90 {
 
 // Alternatives to the production configurations (WideBatch, WideBatchSlowMemory, NarrowBatch).
-struct Cooperative256x128 {
-  using Mainloop = Cooperative::Mainloop;
-  using Epilogue = Cooperative::Epilogue;
-  static constexpr int tile_m = 256, tile_n = 128;
-};
 template <class T>
 constexpr int kNarrow128x256KBytes = sizeof(T) == 4 ? 64 : 128;
 using AutoTile = cutlass::epilogue::collective::EpilogueTileAuto;
 using NarrowTile = Shape<_128, cute::_16>;
-using WideCooperative256x128 = TileConfig<Cooperative256x128, Shape<_2, _1, _1>, AutoTile, 128>;
+using WideCooperative256x128 = TileConfig<Cooperative<256, 128>, Shape<_2, _1, _1>, AutoTile, 128>;
 using WidePingPongClusterN = TileConfig<PingPong, Shape<_1, _2, _1>, AutoTile, 128>;
 // The narrow batch's tiles with other k steps: each stage reads `KBytes` contiguous bytes of
 // every row of w in the tile, where NarrowBatch (128x128) reads 256.
 template <int KBytes>
-using Narrow128x256 = TileConfig<Cooperative128x256, Shape<_1, _2, _1>, NarrowTile, KBytes>;
+using Narrow128x256 = TileConfig<Cooperative<128, 256>, Shape<_1, _2, _1>, NarrowTile, KBytes>;
 template <int KBytes>
-using Narrow128x128 = TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, KBytes>;
+using Narrow128x128 = TileConfig<Cooperative<128, 128>, Shape<_1, _2, _1>, NarrowTile, KBytes>;
 using Narrow128x256NoCluster =
-    TileConfig<Cooperative128x256, Shape<_1, _1, _1>, NarrowTile, kNarrow128x256KBytes<float>>;
+    TileConfig<Cooperative<128, 256>, Shape<_1, _1, _1>, NarrowTile, kNarrow128x256KBytes<float>>;
 // The shipped tile with x's tile multicast to four CTAs, and with its last wave's k steps spread
 // over every SM (256 tiles at n = 32768 are 1.94 waves of 132).
-using Narrow128x128Cluster4 = TileConfig<Cooperative, Shape<_1, cute::_4, _1>, NarrowTile, NarrowBatch::k_bytes>;
+using Narrow128x128Cluster4 =
+    TileConfig<Cooperative<128, 128>, Shape<_1, cute::_4, _1>, NarrowTile, NarrowBatch::k_bytes>;
 using Narrow128x128StreamK =
-    TileConfig<Cooperative, Shape<_1, _2, _1>, NarrowTile, NarrowBatch::k_bytes, OneProduct, StreamK>;
+    TileConfig<Cooperative<128, 128>, Shape<_1, _2, _1>, NarrowTile, NarrowBatch::k_bytes, OneProduct, StreamK>;
 // The 128x256 tiles at n = 32768 are 128, which leave 4 of 132 SMs idle; stream-K spreads their
 // k steps over every SM.
 template <class T>
 using NarrowStreamK =
-    TileConfig<Cooperative128x256, Shape<_1, _2, _1>, NarrowTile, kNarrow128x256KBytes<T>, OneProduct, StreamK>;
+    TileConfig<Cooperative<128, 256>, Shape<_1, _2, _1>, NarrowTile, kNarrow128x256KBytes<T>, OneProduct, StreamK>;
 // Clusters of four along n: x's tile multicast to four CTAs instead of two, halving x's reads
 // from L2 again (x is read once per column of tiles).
 template <class T>
-using NarrowCluster4 = TileConfig<Cooperative128x256, Shape<_1, cute::_4, _1>, NarrowTile, kNarrow128x256KBytes<T>>;
+using NarrowCluster4 = TileConfig<Cooperative<128, 256>, Shape<_1, cute::_4, _1>, NarrowTile, kNarrow128x256KBytes<T>>;
 template <class T>
 using NarrowStreamKNoCluster =
-    TileConfig<Cooperative128x256, Shape<_1, _1, _1>, NarrowTile, kNarrow128x256KBytes<T>, OneProduct, StreamK>;
+    TileConfig<Cooperative<128, 256>, Shape<_1, _1, _1>, NarrowTile, kNarrow128x256KBytes<T>, OneProduct, StreamK>;
 // The weight gradient's alternatives: larger epilogue subtiles, so that more of the output is in
 // flight in TMA stores (CUTLASS keeps two subtiles in flight).
-using Store128x64Cooperative128x256 = TileConfig<Cooperative128x256, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x64Cooperative128x256 = TileConfig<Cooperative<128, 256>, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
 using Store128x64Cooperative128x256NoCluster =
-    TileConfig<Cooperative128x256, Shape<_1, _1, _1>, Shape<_128, cute::_64>, 128>;
-using Store128x64Cooperative128x128 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
-using Store128x32Cooperative128x128 = TileConfig<Cooperative, Shape<_2, _1, _1>, Shape<_128, cute::_32>, 128>;
+    TileConfig<Cooperative<128, 256>, Shape<_1, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x64Cooperative128x128 = TileConfig<Cooperative<128, 128>, Shape<_2, _1, _1>, Shape<_128, cute::_64>, 128>;
+using Store128x32Cooperative128x128 = TileConfig<Cooperative<128, 128>, Shape<_2, _1, _1>, Shape<_128, cute::_32>, 128>;
 using Store64x64PingPong = TileConfig<PingPong, Shape<_2, _1, _1>, Shape<cute::_64, cute::_64>, 128>;
 
 // The weight-gradient kernel's alternatives (weight_grad_sm90.cu): strip width, dz tiles in
