@@ -36,9 +36,9 @@ typedef struct {
   void* y;           // (m, n)
   void* z;           // (m, n) pre-activation, or NULL to skip it
   float* workspace;  // fused_linear_workspace_floats() floats; NULL when that is 0
-  float* stats;      // BN: (2, n) [mean, biased variance]; NULL otherwise
+  float* stats;      // BN: (2, n) [mean, biased variance]; NULL otherwise (and in train mode until the finish)
   // BN train, optional: BatchNorm's running statistics, (n) each of type dtype, updated
-  // in place from the batch statistics by the kernel that merges them, as
+  // in place from the batch statistics by the finish's kernel that merges them, as
   // batch_norm_update_running does (the variance unbiased); NULL leaves them alone.
   void* running_mean;
   void* running_var;
@@ -59,9 +59,16 @@ typedef struct {
 // Hopper the exact f32 GEMM's. Reads only the plain fields, not the pointers.
 int64_t fused_linear_workspace_floats(const FusedLinearArgs* args);
 
-// The forward: one GEMM kernel with the whole epilogue; for BN train, a second kernel that
-// merges the per-tile statistics and normalises y in place.
-cudaError_t fused_linear_forward(const FusedLinearArgs* args, cudaStream_t stream);
+// The forward: one GEMM kernel with the whole epilogue (after a small fold kernel in BN eval). For
+// BN train it leaves y unnormalised and per-tile statistics in the workspace, sets
+// *stats_row_tile to the rows per tile, and fused_linear_batch_norm_finish completes it; stats
+// may still be NULL then. stats_row_tile may be NULL in the other modes.
+cudaError_t fused_linear_forward(const FusedLinearArgs* args, cudaStream_t stream, int64_t* stats_row_tile);
+
+// BN train, after fused_linear_forward with the same args and stats set: merges the per-tile
+// statistics into stats (and the running statistics, when given) and normalises y in place. The
+// split lets the caller allocate stats, which only these kernels write, after the GEMM's launch.
+cudaError_t fused_linear_batch_norm_finish(const FusedLinearArgs* args, int64_t stats_row_tile, cudaStream_t stream);
 
 // The backward of the epilogue (and BatchNorm): dz and the parameter gradients.
 typedef struct {

@@ -569,13 +569,14 @@ extern "C" int64_t fused_linear_workspace_floats(const FusedLinearArgs* a) {
   return portable > sm90 ? portable : sm90;
 }
 
-extern "C" cudaError_t fused_linear_forward(const FusedLinearArgs* a, cudaStream_t stream) {
+extern "C" cudaError_t fused_linear_forward(const FusedLinearArgs* a, cudaStream_t stream, int64_t* stats_row_tile) {
   using namespace fused;
   if (a->m < 1 || a->n < 1 || a->k < 1 || ceil_div(a->m, Tile<float>::BM) > INT32_MAX ||
       ceil_div(a->n, Tile<float>::BN) > 65535) {
     return cudaErrorInvalidValue;
   }
-  if (a->batch_norm != FUSED_BN_NONE && a->stats == nullptr) return cudaErrorInvalidValue;
+  if (a->batch_norm == FUSED_BN_EVAL && a->stats == nullptr) return cudaErrorInvalidValue;
+  if (a->batch_norm == FUSED_BN_TRAIN && stats_row_tile == nullptr) return cudaErrorInvalidValue;
   if (a->params.count < fused::param_rows_needed(*a) || a->params.count > FUSED_MAX_PARAM_ROWS) {
     return cudaErrorInvalidValue;
   }
@@ -585,7 +586,7 @@ extern "C" cudaError_t fused_linear_forward(const FusedLinearArgs* a, cudaStream
   if (a->batch_norm == FUSED_BN_TRAIN && a->workspace == nullptr) return cudaErrorInvalidValue;
   // Hopper first: the wgmma/TMA kernel takes the aligned problems.
   cudaError_t sm90_status;
-  if (linear_forward_sm90(*a, stream, &sm90_status)) return sm90_status;
+  if (linear_forward_sm90(*a, stream, &sm90_status, stats_row_tile)) return sm90_status;
   FUSED_TRY(with_dtype(a->dtype, [&](auto tag) {
     using T = decltype(tag);
     if constexpr (sizeof(T) == 2) {
@@ -595,8 +596,17 @@ extern "C" cudaError_t fused_linear_forward(const FusedLinearArgs* a, cudaStream
                      : launch_linear_forward<T, MATH_3XTF32>(*a, stream);
     }
   }));
-  if (a->batch_norm == FUSED_BN_TRAIN) {
-    FUSED_TRY(batch_norm_train_finalize(*a, linear_row_tile(a->dtype), stream));
-  }
+  if (a->batch_norm == FUSED_BN_TRAIN) *stats_row_tile = linear_row_tile(a->dtype);
   return cudaSuccess;
+}
+
+extern "C" cudaError_t fused_linear_batch_norm_finish(const FusedLinearArgs* a, int64_t stats_row_tile,
+                                                      cudaStream_t stream) {
+  using namespace fused;
+  if (a->batch_norm != FUSED_BN_TRAIN || a->m < 1 || a->n < 1 || a->stats == nullptr || a->workspace == nullptr ||
+      a->params.count < fused::param_rows_needed(*a) || a->params.count > FUSED_MAX_PARAM_ROWS ||
+      stats_row_tile < 1) {
+    return cudaErrorInvalidValue;
+  }
+  return batch_norm_train_finalize(*a, stats_row_tile, stream);
 }

@@ -35,8 +35,8 @@
 // BatchNorm: eval folds into the last node, f = γ/sqrt(rv + eps) and d = β − rm·f, computed by a
 // small kernel before the GEMM (which also writes the running statistics to `stats`, as the
 // portable path does). Train stores u as y and, from the epilogue, the per-subtile statistics in
-// the portable kernel's partials layout; batch_norm.cu's kernels merge them and normalise y in
-// place, exactly as after the portable GEMM.
+// the portable kernel's partials layout; batch_norm.cu's kernels (fused_linear_batch_norm_finish)
+// merge them and normalise y in place, exactly as after the portable GEMM.
 #include "linear_sm90.cuh"
 
 #include "common.cuh"
@@ -57,9 +57,7 @@
 
 namespace fused {
 
-// Defined in batch_norm.cu: the kernels that merge the statistics partials and normalise y, and
-// the workspace they need.
-cudaError_t batch_norm_train_finalize(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream);
+// Defined in batch_norm.cu: the workspace of the kernels that merge the statistics partials.
 int64_t batch_norm_train_workspace_floats(int64_t m, int64_t n, int64_t row_tile);
 
 namespace sm90 {
@@ -709,32 +707,36 @@ bool takes_problem(const FusedLinearArgs& a) {
   const bool aligned = aligned16(a.x) && aligned16(a.w) && aligned16(a.y) && aligned16(a.z);
   const bool epilogue = a.activation >= ACT_IDENTITY && a.activation <= ACT_TANH &&
                         a.params.count >= param_rows_needed(a);
-  // Both BatchNorm modes write the statistics and keep their folds or partials in the workspace.
-  const bool batch_norm = a.batch_norm == FUSED_BN_NONE ||
-                          ((a.batch_norm == FUSED_BN_EVAL || a.batch_norm == FUSED_BN_TRAIN) &&
-                           a.stats != nullptr && a.workspace != nullptr);
+  // Both BatchNorm modes keep their folds or partials in the workspace; the eval fold also writes
+  // the statistics (train mode writes them after the GEMM, in fused_linear_batch_norm_finish).
+  const bool batch_norm =
+      a.batch_norm == FUSED_BN_NONE || (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
+      (a.batch_norm == FUSED_BN_TRAIN && a.workspace != nullptr);
   return takes_shape(a) && aligned && epilogue && batch_norm;
 }
 
-// Launches `gemm` (a callable that enqueues the GEMM and returns its error) between the
-// BatchNorm kernels of `a`: the eval fold before it, the train-mode merge and normalisation after
-// it (of partial statistics over tiles of `row_tile` rows).
+// Launches `gemm` (a callable that enqueues the GEMM and returns its error) after the eval-mode
+// BatchNorm's fold, when there is one. In train mode the GEMM leaves partial statistics over
+// tiles of `row_tile` rows, which it reports in *stats_row_tile (when not null) for
+// fused_linear_batch_norm_finish.
 template <class F>
-cudaError_t with_batch_norm(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream, F gemm) {
+cudaError_t with_batch_norm(const FusedLinearArgs& a, int64_t row_tile, cudaStream_t stream, int64_t* stats_row_tile,
+                            F gemm) {
   if (a.batch_norm == FUSED_BN_EVAL) {
     FUSED_TRY(with_dtype(a.dtype, [&](auto tag) {
       batch_norm_eval_fold_kernel<decltype(tag)><<<unsigned(ceil_div(a.n, 256)), 256, 0, stream>>>(a);
       return cudaGetLastError();
     }));
   }
-  FUSED_TRY(gemm());
-  return a.batch_norm == FUSED_BN_TRAIN ? batch_norm_train_finalize(a, row_tile, stream) : cudaSuccess;
+  if (a.batch_norm == FUSED_BN_TRAIN && stats_row_tile != nullptr) *stats_row_tile = row_tile;
+  return gemm();
 }
 
 // Builds and launches the GEMM (after the eval fold, when there is one). Returns false, having
 // launched nothing, if CUTLASS does not take the arguments.
 template <class T, class Config>
-bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
+bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status,
+                int64_t* stats_row_tile = nullptr) {
   using G = Gemm<typename Cutlass<T>::type, Config>;
   using E = typename G::Element;
   const bool eval = a.batch_norm == FUSED_BN_EVAL, train = a.batch_norm == FUSED_BN_TRAIN;
@@ -753,7 +755,7 @@ bool run_config(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t
   const bool gemm_workspace = G::Device::get_workspace_size(args) != 0;
   *status = gemm_workspace && a.workspace == nullptr
                 ? cudaErrorInvalidValue
-                : with_batch_norm(a, G::stats_row_tile, stream, [&] {
+                : with_batch_norm(a, G::stats_row_tile, stream, stats_row_tile, [&] {
                     return launch_gemm<G>(args, gemm_workspace ? a.workspace + G::batch_norm_floats(a) : nullptr,
                                           device, stream);
                   });
@@ -784,9 +786,11 @@ auto with_config(const FusedLinearArgs& a, int device, F f) {
 }
 
 template <class T>
-bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status) {
-  return with_config<T>(
-      a, device, [&](auto config) { return run_config<T, decltype(config)>(a, device, sm_count, stream, status); });
+bool run(const FusedLinearArgs& a, int device, int sm_count, cudaStream_t stream, cudaError_t* status,
+         int64_t* stats_row_tile) {
+  return with_config<T>(a, device, [&](auto config) {
+    return run_config<T, decltype(config)>(a, device, sm_count, stream, status, stats_row_tile);
+  });
 }
 
 // Floats of workspace that the configuration which runs `a` (elements T) needs.
@@ -803,16 +807,18 @@ int64_t workspace_floats(const FusedLinearArgs& a, int sm_count, int device) {
 // instantiate every configuration.
 #if !defined(FUSED_SM90_PIECES_ONLY)
 
-bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaError_t* status) {
+bool linear_forward_sm90(const FusedLinearArgs& a, cudaStream_t stream, cudaError_t* status,
+                        int64_t* stats_row_tile) {
   int device = 0, sm_count = 0;
   if (!sm90::takes_problem(a) || !sm90::usable_device(&device, &sm_count)) return false;
   if (exact_forward::takes(a, sm_count)) {
-    *status = sm90::with_batch_norm(a, exact_forward::kRowTile, stream,
+    *status = sm90::with_batch_norm(a, exact_forward::kRowTile, stream, stats_row_tile,
                                     [&] { return exact_forward::launch(a, device, stream); });
     return true;
   }
   return with_dtype(
-      a.dtype, [&](auto tag) { return sm90::run<decltype(tag)>(a, device, sm_count, stream, status); }, false);
+      a.dtype,
+      [&](auto tag) { return sm90::run<decltype(tag)>(a, device, sm_count, stream, status, stats_row_tile); }, false);
 }
 
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
@@ -835,7 +841,7 @@ int64_t linear_sm90_workspace_floats(const FusedLinearArgs& a) {
 
 namespace fused {
 
-bool linear_forward_sm90(const FusedLinearArgs&, cudaStream_t, cudaError_t*) { return false; }
+bool linear_forward_sm90(const FusedLinearArgs&, cudaStream_t, cudaError_t*, int64_t*) { return false; }
 
 int64_t linear_sm90_workspace_floats(const FusedLinearArgs&) { return 0; }
 

@@ -8,11 +8,13 @@
 
 namespace fused {
 
-// Runs the whole forward of `args` (the GEMM with its epilogue, and the BatchNorm kernels) on
+// Runs the forward of `args` (the GEMM with its epilogue, after the eval-mode BatchNorm's fold) on
 // `stream` and returns true, with *status set to the first CUDA error met (cudaSuccess
-// otherwise); or returns false, having launched nothing, when it does not take the problem, in
-// which case the caller runs the portable kernel.
-bool linear_forward_sm90(const FusedLinearArgs& args, cudaStream_t stream, cudaError_t* status);
+// otherwise) and, for a train-mode BatchNorm, *stats_row_tile to the rows per tile of the partial
+// statistics it left in the workspace; or returns false, having launched nothing, when it does
+// not take the problem, in which case the caller runs the portable kernel.
+bool linear_forward_sm90(const FusedLinearArgs& args, cudaStream_t stream, cudaError_t* status,
+                         int64_t* stats_row_tile);
 
 // Floats of `args.workspace` that the fast path needs (0 when it does not take the shape, or the
 // device is not sm_90): 2n for an eval-mode BatchNorm (its folded per-feature factor and shift);

@@ -32,7 +32,8 @@ pub(crate) struct FusedLinearArgs {
     pub z: *mut c_void,
     /// `fused_linear_workspace_floats` floats; null when that is 0.
     pub workspace: *mut f32,
-    /// BatchNorm: the (2, n) f32 statistics; null otherwise.
+    /// BatchNorm: the (2, n) f32 statistics; null otherwise (and in train mode until the
+    /// finish).
     pub stats: *mut f32,
     /// BatchNorm train: the running mean (n), updated in place; null to leave it alone.
     pub running_mean: *mut c_void,
@@ -160,8 +161,21 @@ impl Default for FusedParamRows {
 extern "C" {
     /// Floats of workspace that `fused_linear_forward` needs.
     pub(crate) fn fused_linear_workspace_floats(args: *const FusedLinearArgs) -> i64;
-    /// The fused forward on `stream`; returns a `cudaError_t`.
-    pub(crate) fn fused_linear_forward(args: *const FusedLinearArgs, stream: *mut c_void) -> c_int;
+    /// The fused forward on `stream`; returns a `cudaError_t`. In BatchNorm train mode it
+    /// leaves the per-tile statistics for `fused_linear_batch_norm_finish`, over tiles of the
+    /// rows it writes to `stats_row_tile`.
+    pub(crate) fn fused_linear_forward(
+        args: *const FusedLinearArgs,
+        stream: *mut c_void,
+        stats_row_tile: *mut i64,
+    ) -> c_int;
+    /// BatchNorm train, after `fused_linear_forward`: merges the statistics into `args.stats`
+    /// and normalises y in place, on `stream`; returns a `cudaError_t`.
+    pub(crate) fn fused_linear_batch_norm_finish(
+        args: *const FusedLinearArgs,
+        stats_row_tile: i64,
+        stream: *mut c_void,
+    ) -> c_int;
     /// Floats of workspace that `fused_backward` needs.
     pub(crate) fn fused_backward_workspace_floats(args: *const FusedBackwardArgs) -> i64;
     /// The epilogue (and BatchNorm) backward on `stream`; returns a `cudaError_t`.

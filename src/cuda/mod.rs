@@ -3,10 +3,15 @@
 //! Every function checks dtypes and extents, allocates its outputs (and any workspace) through
 //! candle's allocator on the operands' device, and enqueues the kernels on candle's stream, so
 //! that they are ordered with the rest of the graph: no synchronisation, no host round trip.
+//! The forward keeps its workspace (up to 64 MiB: a train-mode BatchNorm's partial statistics,
+//! the exact f32 GEMM's scratch) per host thread, device and stream from call to call, and a
+//! train-mode BatchNorm allocates its statistics after the GEMM's launch: the host work before
+//! a forward's first kernel is time that an idle GPU waits.
 //! A failed launch comes back as a [`candle_core::Error`] naming the kernel and CUDA's message.
 
 mod ffi;
 
+use std::cell::RefCell;
 use std::ffi::{c_int, c_void, CStr};
 
 use candle_core::backend::BackendStorage;
@@ -169,18 +174,17 @@ fn forward(
     let dtype = operand_dtype(OP, &operands)?;
     let dev = p.x.0.device().clone();
     let stream = dev.cuda_stream();
+    let train = matches!(batch_norm, Some((_, true)));
     let mut y = alloc(&dev, dtype, m * n)?;
     let mut z = match keep_preactivation {
         true => Some(alloc(&dev, dtype, m * n)?),
         false => None,
     };
+    // Eval mode writes the statistics before the GEMM; train mode allocates them after the
+    // GEMM's launch (below), off the path that an idle GPU waits out.
     let mut stats = match batch_norm {
-        Some(_) => Some(CudaStorage::wrap_cuda_slice(
-            // SAFETY: the kernels write every element before anything reads it.
-            unsafe { dev.alloc::<f32>(2 * n)? },
-            dev.clone(),
-        )),
-        None => None,
+        Some((_, false)) => Some(alloc_stats(&dev, n)?),
+        _ => None,
     };
     let mut args = ffi::FusedLinearArgs {
         m: m as i64,
@@ -204,15 +208,7 @@ fn forward(
     // SAFETY: the function only reads the plain fields of `args`.
     let workspace_len =
         usize::try_from(unsafe { ffi::fused_linear_workspace_floats(&args) }).unwrap_or(0);
-    let mut workspace = match workspace_len {
-        0 => None,
-        // SAFETY: the kernels write every float of it before they read it: the partials before
-        // the merge, the merged factors before the normalisation, stream-K's partial tiles
-        // before their sums, x's TF32 remainders before the exact GEMM that reads them; the
-        // launch zeroes stream-K's flags first.
-        len => Some(unsafe { dev.alloc::<f32>(len)? }),
-    };
-    {
+    let batch_stats = with_workspace(&dev, &stream, workspace_len, |workspace| {
         bind(&stream, OP)?;
         let (x, _gx) = input_ptr(p.x.0, p.x.1, m * k, &stream, "x")?;
         let (w, _gw) = input_ptr(p.w.0, p.w.1, n * k, &stream, "w")?;
@@ -220,7 +216,7 @@ fn forward(
         let (yp, _gy) = output_ptr(&mut y, &stream)?;
         let zp = z.as_mut().map(|z| output_ptr(z, &stream)).transpose()?;
         let sp = stats.as_mut().map(|s| output_ptr(s, &stream)).transpose()?;
-        let wsp = workspace.as_mut().map(|ws| ws.device_ptr_mut(&stream));
+        let wsp = workspace.map(|ws| ws.device_ptr_mut(&stream));
         let mut running_guards = Vec::new();
         if let Some(r) = running.as_mut() {
             if let Some((count, _)) = &r.num_batches_tracked {
@@ -259,14 +255,107 @@ fn forward(
         args.workspace = wsp
             .as_ref()
             .map_or(std::ptr::null_mut(), |(p, _)| *p as *mut f32);
+        let cu_stream = stream.cu_stream() as *mut c_void;
+        let mut stats_row_tile = 0i64;
         // SAFETY: every pointer is a live device allocation of the extent checked above, and
         // the guards keep candle's stream ordering for them until the launch is enqueued.
         check(
-            unsafe { ffi::fused_linear_forward(&args, stream.cu_stream() as *mut c_void) },
+            unsafe { ffi::fused_linear_forward(&args, cu_stream, &mut stats_row_tile) },
             "fused_linear_forward",
         )?;
+        if !train {
+            return Ok(None);
+        }
+        let mut batch_stats = alloc_stats(&dev, n)?;
+        {
+            let (sp, _gs) = output_ptr(&mut batch_stats, &stream)?;
+            args.stats = sp as *mut f32;
+            // SAFETY: as for the forward, and `stats` holds the 2n floats just allocated.
+            check(
+                unsafe { ffi::fused_linear_batch_norm_finish(&args, stats_row_tile, cu_stream) },
+                "fused_linear_batch_norm_finish",
+            )?;
+        }
+        Ok(Some(batch_stats))
+    })?;
+    Ok((y, z, batch_stats.or(stats)))
+}
+
+/// The (2, n) f32 statistics of a BatchNorm forward.
+fn alloc_stats(dev: &CudaDevice, n: usize) -> Result<CudaStorage> {
+    // SAFETY: the kernels write every element before anything reads it.
+    let slice = unsafe { dev.alloc::<f32>(2 * n)? };
+    Ok(CudaStorage::wrap_cuda_slice(slice, dev.clone()))
+}
+
+/// Workspaces of up to this many floats (64 MiB) are kept from call to call by
+/// [`with_workspace`]; larger ones are allocated for the call.
+const KEPT_WORKSPACE_FLOATS: usize = 16 << 20;
+
+/// A forward workspace kept for the next forward on the same device and stream.
+struct KeptWorkspace {
+    device: candle_core::cuda::DeviceId,
+    stream: usize,
+    floats: CudaSlice<f32>,
+}
+
+thread_local! {
+    /// This thread's forward workspaces, one per device and stream it ran a forward on.
+    static KEPT_WORKSPACES: RefCell<Vec<KeptWorkspace>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `len` floats of forward workspace on `dev` (`None` when `len` is 0). Up to
+/// [`KEPT_WORKSPACE_FLOATS`], it is this thread's kept workspace for the device and stream, grown
+/// when too small: an allocation less before the forward's first kernel, which an idle GPU
+/// waits out. Reuse is safe because the forward's kernels that use the workspace are all
+/// enqueued on `stream` (inside `f`), so a later call's kernels start after them.
+fn with_workspace<R>(
+    dev: &CudaDevice,
+    stream: &CudaStream,
+    len: usize,
+    f: impl FnOnce(Option<&mut CudaSlice<f32>>) -> Result<R>,
+) -> Result<R> {
+    // SAFETY (every allocation below): the kernels write every float of a workspace before they
+    // read it: the partials before the merge, the merged factors before the normalisation,
+    // stream-K's partial tiles before their sums, x's TF32 remainders before the exact GEMM that
+    // reads them; the launch zeroes stream-K's flags first.
+    if len == 0 {
+        return f(None);
     }
-    Ok((y, z, stats))
+    if len > KEPT_WORKSPACE_FLOATS {
+        return f(Some(&mut unsafe { dev.alloc::<f32>(len)? }));
+    }
+    KEPT_WORKSPACES.with(|cell| {
+        // Nothing inside `f` runs another forward, so the cell is never borrowed here already;
+        // if it were, a fresh workspace would still be correct.
+        let Ok(mut kept) = cell.try_borrow_mut() else {
+            return f(Some(&mut unsafe { dev.alloc::<f32>(len)? }));
+        };
+        let key = (dev.id(), stream.cu_stream() as usize);
+        let at = match kept.iter().position(|w| (w.device, w.stream) == key) {
+            Some(at) if kept[at].floats.len() >= len => at,
+            found => {
+                // A smaller kept workspace is freed in stream order, after its last use.
+                let floats = unsafe { dev.alloc::<f32>(len)? };
+                let workspace = KeptWorkspace {
+                    device: key.0,
+                    stream: key.1,
+                    floats,
+                };
+                match found {
+                    Some(at) => {
+                        kept[at] = workspace;
+                        at
+                    }
+                    None => {
+                        kept.push(workspace);
+                        kept.len() - 1
+                    }
+                }
+            }
+        };
+        f(Some(&mut kept[at].floats))
+    })
 }
 
 /// The backward, with `batch_norm = Some((stats, eps, train))` for the BatchNorm op.
