@@ -709,9 +709,9 @@ bool takes_problem(const FusedLinearArgs& a) {
                         a.params.count >= param_rows_needed(a);
   // Both BatchNorm modes keep their folds or partials in the workspace; the eval fold also writes
   // the statistics (train mode writes them after the GEMM, in fused_linear_batch_norm_finish).
-  const bool batch_norm =
-      a.batch_norm == FUSED_BN_NONE || (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
-      (a.batch_norm == FUSED_BN_TRAIN && a.workspace != nullptr);
+  const bool batch_norm = a.batch_norm == FUSED_BN_NONE ||
+                          (a.batch_norm == FUSED_BN_EVAL && a.stats != nullptr && a.workspace != nullptr) ||
+                          (a.batch_norm == FUSED_BN_TRAIN && a.workspace != nullptr);
   return takes_shape(a) && aligned && epilogue && batch_norm;
 }
 
