@@ -333,27 +333,20 @@ fn with_workspace<R>(
         };
         let key = (dev.id(), stream.cu_stream() as usize);
         let at = match kept.iter().position(|w| (w.device, w.stream) == key) {
-            Some(at) if kept[at].floats.len() >= len => at,
-            found => {
-                // A smaller kept workspace is freed in stream order, after its last use.
-                let floats = unsafe { dev.alloc::<f32>(len)? };
-                let workspace = KeptWorkspace {
+            Some(at) => at,
+            None => {
+                kept.push(KeptWorkspace {
                     device: key.0,
                     stream: key.1,
-                    floats,
-                };
-                match found {
-                    Some(at) => {
-                        kept[at] = workspace;
-                        at
-                    }
-                    None => {
-                        kept.push(workspace);
-                        kept.len() - 1
-                    }
-                }
+                    floats: unsafe { dev.alloc::<f32>(len)? },
+                });
+                kept.len() - 1
             }
         };
+        if kept[at].floats.len() < len {
+            // The smaller workspace is freed in stream order, after its last use.
+            kept[at].floats = unsafe { dev.alloc::<f32>(len)? };
+        }
         f(Some(&mut kept[at].floats))
     })
 }
