@@ -166,9 +166,11 @@ struct ActScaleResidual {
 // values and a scratch buffer (the subtile's own store buffer, which y is copied into after it):
 //   1. every thread writes its share of the subtile to the buffer, row-major (a swizzle against
 //      bank conflicts cost the GEMM's consumers registers they do not have);
-//   2. P threads per column of 4-byte words sum their rows and exchange the sums by shuffles,
-//      then do the same with the squared deviations from the mean: two exact passes, so Chan's
-//      merge of the subtiles loses nothing to cancellation.
+//   2. P threads per column of 4-byte words sum their rows and exchange the sums by shuffles:
+//      for f32, the values and then their squared deviations from the mean (two passes); for
+//      16-bit values, in one pass, the deviations from the column's first row and their squares
+//      (column_moments says why that loses nothing the values hold). Either way Chan's merge of
+//      the subtiles sees no cancellation.
 // A null `partials` makes it a no-op, so the one GEMM of each configuration serves every mode.
 template <class E>
 struct ColumnStatistics {
@@ -250,6 +252,71 @@ struct ColumnStatistics {
       }
     }
 
+    // The mean and M2 of the PER_WORD columns from c0 over the staged subtile's first `rows` rows,
+    // each thread of the column's P taking every P-th row from `part`; every thread gets the results.
+    // f32 values: two passes, the sum and then the squared deviations from the mean, exact up to
+    // rounding. 16-bit values: one pass over the deviations d from the column's first row, M2 =
+    // Σd² − (Σd)²/rows; by Samuelson's inequality that row lies within sqrt(rows − 1) standard
+    // deviations of the mean, so Σd² ≤ rows·M2 and the subtraction loses at most log2(rows) of
+    // f32's 24 bits (7 at 128 rows), leaving far more than the 8 or 11 bits the values carry.
+    // The row loops are unrolled by four, not fully: fully, the f32 ping-pong consumers spill.
+    CUTLASS_DEVICE static void column_moments(const E* stage, int rows, int part, int c0, float (&mean)[PER_WORD],
+                                              float (&m2)[PER_WORD]) {
+      if constexpr (sizeof(E) == 4) {
+        float sum[PER_WORD] = {};
+#pragma unroll 4
+        for (int j = 0; j < EPI_M / P; ++j) {
+          const int r = part + j * P;
+          if (r < rows) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < PER_WORD; ++e) sum[e] += float(stage[staged(r, c0 + e)]);
+          }
+        }
+        sum_over_column(sum);
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < PER_WORD; ++e) {
+          mean[e] = sum[e] / float(rows);
+          m2[e] = 0.f;
+        }
+#pragma unroll 4
+        for (int j = 0; j < EPI_M / P; ++j) {
+          const int r = part + j * P;
+          if (r < rows) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < PER_WORD; ++e) {
+              const float d = float(stage[staged(r, c0 + e)]) - mean[e];
+              m2[e] += d * d;
+            }
+          }
+        }
+        sum_over_column(m2);
+      } else {
+        float shift[PER_WORD], sum[PER_WORD] = {}, squares[PER_WORD] = {};
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < PER_WORD; ++e) shift[e] = float(stage[staged(0, c0 + e)]);
+#pragma unroll 4
+        for (int j = 0; j < EPI_M / P; ++j) {
+          const int r = part + j * P;
+          if (r < rows) {
+            CUTLASS_PRAGMA_UNROLL
+            for (int e = 0; e < PER_WORD; ++e) {
+              const float d = float(stage[staged(r, c0 + e)]) - shift[e];
+              sum[e] += d;
+              squares[e] += d * d;
+            }
+          }
+        }
+        sum_over_column(sum);
+        sum_over_column(squares);
+        CUTLASS_PRAGMA_UNROLL
+        for (int e = 0; e < PER_WORD; ++e) {
+          const float mean_d = sum[e] / float(rows);
+          mean[e] = shift[e] + mean_d;
+          m2[e] = fmaxf(squares[e] - sum[e] * mean_d, 0.f);  // rounding may leave it a hair below 0
+        }
+      }
+    }
+
     template <class STensor, class SyncFn, class VTensor>
     CUTLASS_DEVICE void reduce(STensor&& buffer, SyncFn const& sync, int epi_m, int epi_n, bool,
                                VTensor results) {
@@ -271,38 +338,14 @@ struct ColumnStatistics {
       }
       sync();
 
-      // 2. Two passes per column of words over the subtile's rows inside the problem.
+      // 2. Per column of words, over the subtile's rows inside the problem, the mean and M2.
       const int row0 = tile_row + epi_m * EPI_M;
       const int rows = min(EPI_M, m - row0);  // the same for every thread
       if (rows > 0) {
         const int word = thread_idx / P, part = thread_idx % P;
         const int c0 = word * PER_WORD;
-        // The row loops are unrolled by four, not fully: fully, the f32 ping-pong consumers spill.
-        float sum[PER_WORD] = {};
-#pragma unroll 4
-        for (int j = 0; j < EPI_M / P; ++j) {
-          const int r = part + j * P;
-          if (r < rows) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < PER_WORD; ++e) sum[e] += float(stage[staged(r, c0 + e)]);
-          }
-        }
-        sum_over_column(sum);
-        float mean[PER_WORD], m2[PER_WORD] = {};
-        CUTLASS_PRAGMA_UNROLL
-        for (int e = 0; e < PER_WORD; ++e) mean[e] = sum[e] / float(rows);
-#pragma unroll 4
-        for (int j = 0; j < EPI_M / P; ++j) {
-          const int r = part + j * P;
-          if (r < rows) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < PER_WORD; ++e) {
-              const float d = float(stage[staged(r, c0 + e)]) - mean[e];
-              m2[e] += d * d;
-            }
-          }
-        }
-        sum_over_column(m2);
+        float mean[PER_WORD], m2[PER_WORD];
+        column_moments(stage, rows, part, c0, mean, m2);
         if (part == 0) {
           const int64_t tile = row0 / EPI_M;
           float* means = params.partials + tile * n;
