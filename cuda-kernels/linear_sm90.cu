@@ -167,12 +167,13 @@ struct ActScaleResidual {
 //   1. every thread writes its share of the subtile to the buffer, row-major (a swizzle against
 //      bank conflicts cost the GEMM's consumers registers they do not have);
 //   2. P threads per column of 4-byte words sum their rows and exchange the sums by shuffles:
-//      for f32, the values and then their squared deviations from the mean (two passes); for
-//      16-bit values, in one pass, the deviations from the column's first row and their squares
-//      (column_moments says why that loses nothing the values hold). Either way Chan's merge of
-//      the subtiles sees no cancellation.
+//      behind the exact f32 product (TwoPasses), the values and then their squared deviations
+//      from the mean; behind TF32 and 16-bit products, in one pass, the deviations from the
+//      column's first row and their squares, which halves the dependent loads and shuffles
+//      (column_moments says why that loses nothing those products hold). Either way Chan's
+//      merge of the subtiles sees no cancellation.
 // A null `partials` makes it a no-op, so the one GEMM of each configuration serves every mode.
-template <class E>
+template <class E, bool TwoPasses>
 struct ColumnStatistics {
   struct SharedStorage {};
   struct Arguments {
@@ -254,15 +255,17 @@ struct ColumnStatistics {
 
     // The mean and M2 of the PER_WORD columns from c0 over the staged subtile's first `rows` rows,
     // each thread of the column's P taking every P-th row from `part`; every thread gets the results.
-    // f32 values: two passes, the sum and then the squared deviations from the mean, exact up to
-    // rounding. 16-bit values: one pass over the deviations d from the column's first row, M2 =
-    // Σd² − (Σd)²/rows; by Samuelson's inequality that row lies within sqrt(rows − 1) standard
-    // deviations of the mean, so Σd² ≤ rows·M2 and the subtraction loses at most log2(rows) of
-    // f32's 24 bits (7 at 128 rows), leaving far more than the 8 or 11 bits the values carry.
+    // TwoPasses: the sum and then the squared deviations from the mean, exact up to rounding.
+    // Otherwise one pass over the deviations d from the column's first row, M2 = Σd² − (Σd)²/rows:
+    // by Samuelson's inequality that row lies within sqrt(rows − 1) standard deviations of the
+    // mean, so Σd² ≤ rows·M2 and the subtraction loses at most log2(rows) of f32's 24 bits (7 at
+    // 128 rows, a relative error under 2^-17 where two passes have about 2^-24). That is below
+    // what the values carry behind a TF32 product (its operands rounded to 11 bits) or in 16
+    // bits (8 or 11), not below the exact f32 product's.
     // The row loops are unrolled by four, not fully: fully, the f32 ping-pong consumers spill.
     CUTLASS_DEVICE static void column_moments(const E* stage, int rows, int part, int c0, float (&mean)[PER_WORD],
                                               float (&m2)[PER_WORD]) {
-      if constexpr (sizeof(E) == 4) {
+      if constexpr (TwoPasses) {
         float sum[PER_WORD] = {};
 #pragma unroll 4
         for (int j = 0; j < EPI_M / P; ++j) {
@@ -381,8 +384,9 @@ struct ColumnStatistics {
   }
 };
 
-// The tree described at the top of the file, for output element T.
-template <class T, class CtaTile, class EpilogueDescriptor>
+// The tree described at the top of the file, for output element T; ExactProduct: behind the
+// exact f32 product, whose statistics take two passes.
+template <class T, class CtaTile, class EpilogueDescriptor, bool ExactProduct>
 struct LinearEpilogue {
   template <template <class> class Fn, class Out = float>
   using Compute = evt::Sm90Compute<Fn, Out, float, kRound>;
@@ -406,7 +410,7 @@ struct LinearEpilogue {
                          Feature<CtaTile, float>>;
 
   // y, passed through; with a train-mode BatchNorm, its per-subtile column statistics
-  using Root = evt::Sm90EVT<ColumnStatistics<T>, Y>;
+  using Root = evt::Sm90EVT<ColumnStatistics<T, ExactProduct>, Y>;
   using Arguments = typename Root::Arguments;
   using ZStride = typename ZDescriptor::Stride;
 
@@ -560,7 +564,8 @@ struct Gemm {
 
   using EpilogueDescriptor =
       cutlass::epilogue::collective::detail::EpilogueDescriptor<CtaTile, EpilogueTile, void, T, EpilogueSchedule>;
-  using Tree = LinearEpilogue<T, CtaTile, EpilogueDescriptor>;
+  using Tree =
+      LinearEpilogue<T, CtaTile, EpilogueDescriptor, std::is_same_v<typename Config::Product, ThreeProducts>>;
 
   using CollectiveEpilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, CtaTile, Cluster, EpilogueTile, float, float,
