@@ -258,10 +258,10 @@ struct ColumnStatistics {
     // TwoPasses: the sum and then the squared deviations from the mean, exact up to rounding.
     // Otherwise one pass over the deviations d from the column's first row, M2 = Σd² − (Σd)²/rows:
     // by Samuelson's inequality that row lies within sqrt(rows − 1) standard deviations of the
-    // mean, so Σd² ≤ rows·M2 and the subtraction loses at most log2(rows) of f32's 24 bits (7 at
-    // 128 rows, a relative error under 2^-17 where two passes have about 2^-24). That is below
-    // what the values carry behind a TF32 product (its operands rounded to 11 bits) or in 16
-    // bits (8 or 11), not below the exact f32 product's.
+    // mean, so Σd² ≤ rows·M2, and the subtraction magnifies the rounding of the sums by at most
+    // rows: it loses at most log2(rows) of f32's 24 bits (7 at 128 rows). What remains exceeds
+    // the 8 or 11 bits of 16-bit values and the 11 of a TF32 product's operands, not the exact
+    // f32 product's.
     // The row loops are unrolled by four, not fully: fully, the f32 ping-pong consumers spill.
     CUTLASS_DEVICE static void column_moments(const E* stage, int rows, int part, int c0, float (&mean)[PER_WORD],
                                               float (&m2)[PER_WORD]) {

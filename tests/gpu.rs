@@ -351,6 +351,85 @@ fn train_forward_updates_running_statistics() {
     }
 }
 
+/// Train-mode batch statistics of features whose mean lies far from zero against their spread
+/// (about 1000 against 3 to 6): the case where Σu² − (Σu)²/n in f32 loses the variance to
+/// cancellation (here by 0.1% to 4%). The operands are exact in TF32 (x in steps of 1/2, the
+/// weight in steps of 1/8) and the products and sums exact in f32, so both f32 precisions see the
+/// same u as the float64 reference. 16-bit outputs cannot hold such a column (1000 ± 3 in bf16
+/// is a few distinct values), so only f32 is checked; on the Hopper path's wide and narrow batch
+/// tiles (k, n multiples of 8) and on the portable kernel's.
+#[test]
+fn batch_norm_statistics_hold_far_from_zero() {
+    let Some(device) = gpu() else { return };
+    // f32 values in [lo, hi] in steps of `step`.
+    let steps = |shape: &[usize], lo: f32, hi: f32, step: f32| {
+        let t = Tensor::rand(lo / step, hi / step, shape, &device).unwrap();
+        t.round().unwrap().affine(step as f64, 0.0).unwrap()
+    };
+    for (m, k, n) in [(300, 64, 136), (100, 64, 136), (300, 13, 31)] {
+        for precision in [Precision::Exact, Precision::Tf32] {
+            let x = steps(&[m, k], -2.0, 2.0, 0.5);
+            let w = steps(&[n, k], -1.0, 1.0, 0.125);
+            let bias = (steps(&[n], 0.0, 8.0, 0.125) + 1000.0).unwrap();
+            let ones = Tensor::ones(n, DType::F32, &device).unwrap();
+            let zeros = Tensor::zeros(n, DType::F32, &device).unwrap();
+            let gpu = [
+                x,
+                w,
+                bias,
+                ones.clone(),
+                ones.clone(),
+                zeros.clone(),
+                zeros,
+                ones,
+            ];
+            let cpu64: Vec<Tensor> = gpu
+                .iter()
+                .map(|t| {
+                    t.to_device(&Device::Cpu)
+                        .and_then(|t| t.to_dtype(DType::F64))
+                        .unwrap()
+                })
+                .collect();
+            let run = |t: &[Tensor]| {
+                let bn = BatchNormParams {
+                    weight: &t[4],
+                    bias: &t[5],
+                    running_mean: &t[6],
+                    running_var: &t[7],
+                    eps: 1e-5,
+                    update: None,
+                };
+                let epilogue = Epilogue::per_feature_scale();
+                let (y, stats) = fused_linear_batch_norm(
+                    &t[0],
+                    &t[1],
+                    Some(&t[2]),
+                    Some(&t[3]),
+                    epilogue,
+                    &bn,
+                    true,
+                    precision,
+                )
+                .unwrap();
+                (y, stats.unwrap())
+            };
+            let (y, stats) = run(&gpu);
+            let (reference, ref_stats) = run(&cpu64);
+            let what = format!("{m}x{k}->{n} {precision:?}");
+            let err_mean = max_rel_error(&stats.mean, &ref_stats.mean);
+            let err_var = max_rel_error(&stats.var, &ref_stats.var);
+            let err_y = max_rel_error(&y, &reference);
+            assert!(err_mean <= 1e-6, "{what}: batch mean error {err_mean:.2e}");
+            assert!(
+                err_var <= 1e-5,
+                "{what}: batch variance error {err_var:.2e}"
+            );
+            assert!(err_y <= 1e-4, "{what}: y error {err_y:.2e}");
+        }
+    }
+}
+
 /// Bitwise equality of two tensors' values.
 fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
     let values = |t: &Tensor| {
