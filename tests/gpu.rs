@@ -9,7 +9,8 @@ use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{
     fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
-    Activation, BatchNormParams, Checkpoint, Epilogue, OutputScale, Precision, RunningUpdate,
+    Activation, BatchNormParams, BatchStats, Checkpoint, Epilogue, OutputScale, Precision,
+    RunningUpdate,
 };
 
 fn gpu() -> Option<Device> {
@@ -212,6 +213,37 @@ fn batch_norm_matches_cpu_on_odd_shapes() {
     batch_norm_matches_cpu(&device, &shapes, &MODES);
 }
 
+/// `fused_linear_batch_norm` on the operands of `batch_norm_shapes` (x, weight, bias, scale,
+/// gamma, beta, running mean, running variance; the scale used only by an epilogue that takes
+/// one), leaving the running statistics alone.
+fn batch_norm_forward(
+    t: &[Tensor],
+    epilogue: Epilogue,
+    train: bool,
+    precision: Precision,
+) -> (Tensor, Option<BatchStats>) {
+    let bn = BatchNormParams {
+        weight: &t[4],
+        bias: &t[5],
+        running_mean: &t[6],
+        running_var: &t[7],
+        eps: 1e-5,
+        update: None,
+    };
+    let scale = epilogue.has_scale_param().then(|| &t[3]);
+    fused_linear_batch_norm(
+        &t[0],
+        &t[1],
+        Some(&t[2]),
+        scale,
+        epilogue,
+        &bn,
+        train,
+        precision,
+    )
+    .unwrap()
+}
+
 /// `fused_linear_batch_norm` in eval and train mode, with a per-feature scale and with the swish
 /// epilogue, at each (m, k, n) of `shapes` (m ≥ 2) in each of `modes`, against the CPU's in
 /// float64: the output and the batch statistics.
@@ -225,28 +257,7 @@ fn batch_norm_matches_cpu(
             let ops = batch_norm_operands(device, (m, k, n), dtype);
             for train in [false, true] {
                 for epilogue in [Epilogue::per_feature_scale(), Epilogue::swish_scale(2.0)] {
-                    let run = |t: &[Tensor]| {
-                        let bn = BatchNormParams {
-                            weight: &t[4],
-                            bias: &t[5],
-                            running_mean: &t[6],
-                            running_var: &t[7],
-                            eps: 1e-5,
-                            update: None,
-                        };
-                        let scale = epilogue.has_scale_param().then(|| &t[3]);
-                        fused_linear_batch_norm(
-                            &t[0],
-                            &t[1],
-                            Some(&t[2]),
-                            scale,
-                            epilogue,
-                            &bn,
-                            train,
-                            precision,
-                        )
-                        .unwrap()
-                    };
+                    let run = |t: &[Tensor]| batch_norm_forward(t, epilogue, train, precision);
                     let (y, stats) = run(&ops.gpu);
                     let (reference, ref_stats) = run(&ops.cpu64);
                     let what =
@@ -392,26 +403,8 @@ fn batch_norm_statistics_hold_far_from_zero() {
                 })
                 .collect();
             let run = |t: &[Tensor]| {
-                let bn = BatchNormParams {
-                    weight: &t[4],
-                    bias: &t[5],
-                    running_mean: &t[6],
-                    running_var: &t[7],
-                    eps: 1e-5,
-                    update: None,
-                };
-                let epilogue = Epilogue::per_feature_scale();
-                let (y, stats) = fused_linear_batch_norm(
-                    &t[0],
-                    &t[1],
-                    Some(&t[2]),
-                    Some(&t[3]),
-                    epilogue,
-                    &bn,
-                    true,
-                    precision,
-                )
-                .unwrap();
+                let (y, stats) =
+                    batch_norm_forward(t, Epilogue::per_feature_scale(), true, precision);
                 (y, stats.unwrap())
             };
             let (y, stats) = run(&gpu);
