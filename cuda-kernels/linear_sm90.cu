@@ -262,53 +262,31 @@ struct ColumnStatistics {
     // rows: it loses at most log2(rows) of f32's 24 bits (7 at 128 rows). What remains exceeds
     // the 8 or 11 bits of 16-bit values and the 11 of a TF32 product's operands, not the exact
     // f32 product's.
-    // The row loops are unrolled by four, not fully: fully, the f32 ping-pong consumers spill.
     CUTLASS_DEVICE static void column_moments(const E* stage, int rows, int part, int c0, float (&mean)[PER_WORD],
                                               float (&m2)[PER_WORD]) {
       if constexpr (TwoPasses) {
         float sum[PER_WORD] = {};
-#pragma unroll 4
-        for (int j = 0; j < EPI_M / P; ++j) {
-          const int r = part + j * P;
-          if (r < rows) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < PER_WORD; ++e) sum[e] += float(stage[staged(r, c0 + e)]);
-          }
-        }
+        for_each_row(stage, rows, part, c0, [&](int e, float v) { sum[e] += v; });
         sum_over_column(sum);
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < PER_WORD; ++e) {
           mean[e] = sum[e] / float(rows);
           m2[e] = 0.f;
         }
-#pragma unroll 4
-        for (int j = 0; j < EPI_M / P; ++j) {
-          const int r = part + j * P;
-          if (r < rows) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < PER_WORD; ++e) {
-              const float d = float(stage[staged(r, c0 + e)]) - mean[e];
-              m2[e] += d * d;
-            }
-          }
-        }
+        for_each_row(stage, rows, part, c0, [&](int e, float v) {
+          const float d = v - mean[e];
+          m2[e] += d * d;
+        });
         sum_over_column(m2);
       } else {
         float shift[PER_WORD], sum[PER_WORD] = {}, squares[PER_WORD] = {};
         CUTLASS_PRAGMA_UNROLL
         for (int e = 0; e < PER_WORD; ++e) shift[e] = float(stage[staged(0, c0 + e)]);
-#pragma unroll 4
-        for (int j = 0; j < EPI_M / P; ++j) {
-          const int r = part + j * P;
-          if (r < rows) {
-            CUTLASS_PRAGMA_UNROLL
-            for (int e = 0; e < PER_WORD; ++e) {
-              const float d = float(stage[staged(r, c0 + e)]) - shift[e];
-              sum[e] += d;
-              squares[e] += d * d;
-            }
-          }
-        }
+        for_each_row(stage, rows, part, c0, [&](int e, float v) {
+          const float d = v - shift[e];
+          sum[e] += d;
+          squares[e] += d * d;
+        });
         sum_over_column(sum);
         sum_over_column(squares);
         CUTLASS_PRAGMA_UNROLL
@@ -316,6 +294,21 @@ struct ColumnStatistics {
           const float mean_d = sum[e] / float(rows);
           mean[e] = shift[e] + mean_d;
           m2[e] = fmaxf(squares[e] - sum[e] * mean_d, 0.f);  // rounding may leave it a hair below 0
+        }
+      }
+    }
+
+    // Calls visit(e, v) with each value v of column c0 + e in the thread's rows of the staged
+    // subtile: every P-th row from `part`, of the first `rows`. The loop is unrolled by four, not
+    // fully: fully, the f32 ping-pong consumers spill.
+    template <class Visit>
+    CUTLASS_DEVICE static void for_each_row(const E* stage, int rows, int part, int c0, Visit&& visit) {
+#pragma unroll 4
+      for (int j = 0; j < EPI_M / P; ++j) {
+        const int r = part + j * P;
+        if (r < rows) {
+          CUTLASS_PRAGMA_UNROLL
+          for (int e = 0; e < PER_WORD; ++e) visit(e, float(stage[staged(r, c0 + e)]));
         }
       }
     }
