@@ -8,7 +8,7 @@ use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use common::{assert_err, to_f64};
+use common::{assert_err, golden, shipped, to_f64};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
@@ -45,16 +45,6 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
-}
-
-fn shipped(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("models")
-        .join(name)
-}
-
-fn golden(name: &str) -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(shipped(name).join("golden.safetensors"), &Device::Cpu).unwrap()
 }
 
 /// The golden input batch of a shipped model.

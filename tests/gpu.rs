@@ -4,6 +4,7 @@
 //! Every test skips, with a message, when no CUDA device is present.
 #![cfg(feature = "cuda")]
 
+mod common;
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, IndexOp, Result, Tensor, Var};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
@@ -12,6 +13,7 @@ use candle_fused::{
     Activation, BatchNormParams, BatchStats, Checkpoint, Epilogue, OutputScale, Precision,
     RunningUpdate,
 };
+use common::{golden, shipped, to_f64};
 
 fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -73,6 +75,13 @@ fn max_rel_error(ours: &Tensor, reference: &Tensor) -> f64 {
     max_abs(&(a - &b).unwrap()) / max_abs(&b).max(1e-30)
 }
 
+/// `t` as f64 on the CPU: a GPU operand's copy for the float64 reference.
+fn to_cpu64(t: &Tensor) -> Tensor {
+    t.to_device(&Device::Cpu)
+        .and_then(|t| t.to_dtype(DType::F64))
+        .unwrap()
+}
+
 /// Random operands, rounded to `dtype`, on the GPU and (as f64) on the CPU.
 struct Operands {
     gpu: Vec<Tensor>,
@@ -87,12 +96,7 @@ fn operands(device: &Device, shapes: &[(&[usize], f32, f32)], dtype: DType) -> O
             .unwrap()
             .to_dtype(dtype)
             .unwrap();
-        cpu64.push(
-            t.to_device(&Device::Cpu)
-                .unwrap()
-                .to_dtype(DType::F64)
-                .unwrap(),
-        );
+        cpu64.push(to_cpu64(&t));
         gpu.push(t);
     }
     Operands { gpu, cpu64 }
@@ -394,14 +398,7 @@ fn batch_norm_statistics_hold_far_from_zero() {
                 zeros,
                 ones,
             ];
-            let cpu64: Vec<Tensor> = gpu
-                .iter()
-                .map(|t| {
-                    t.to_device(&Device::Cpu)
-                        .and_then(|t| t.to_dtype(DType::F64))
-                        .unwrap()
-                })
-                .collect();
+            let cpu64: Vec<Tensor> = gpu.iter().map(to_cpu64).collect();
             let run = |t: &[Tensor]| {
                 let (y, stats) =
                     batch_norm_forward(t, Epilogue::per_feature_scale(), true, precision);
@@ -425,15 +422,7 @@ fn batch_norm_statistics_hold_far_from_zero() {
 
 /// Bitwise equality of two tensors' values.
 fn assert_same(a: &Tensor, b: &Tensor, what: &str) {
-    let values = |t: &Tensor| {
-        t.to_dtype(DType::F64)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f64>()
-            .unwrap()
-    };
-    assert_eq!(values(a), values(b), "{what}");
+    assert_eq!(to_f64(a), to_f64(b), "{what}");
 }
 
 /// On the GPU the forward reads each per-feature vector where it lies instead of stacking them
@@ -854,11 +843,8 @@ fn reference_sizes_gradients_match_float64() {
 fn shipped_models_match_pytorch_on_gpu() {
     let Some(device) = gpu() else { return };
     for model in ["swish_scale", "scale_batchnorm", "sigmoid_residual"] {
-        let dir = format!("{}/models/{model}", env!("CARGO_MANIFEST_DIR"));
-        let checkpoint = Checkpoint::from_dir(&dir).unwrap();
-        let golden =
-            candle_core::safetensors::load(format!("{dir}/golden.safetensors"), &Device::Cpu)
-                .unwrap();
+        let checkpoint = Checkpoint::from_dir(shipped(model)).unwrap();
+        let golden = golden(model);
         let paths = [GradientPath::Autograd, GradientPath::Trace];
         for ((dtype, precision, _), train, path) in cross(MODES, [false, true], paths) {
             // A fresh model each time: a train-mode forward updates the BatchNorm buffers.
@@ -993,18 +979,8 @@ fn exact_f32_is_as_accurate_as_cublas_fp32() {
             fused_linear(&x, &w, Some(&b), None, Epilogue::IDENTITY, Precision::Exact).unwrap();
         let cublas = x.matmul(&w.t().unwrap()).unwrap();
         let rows = 0..16;
-        let x64 = x
-            .i(rows.clone())
-            .unwrap()
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
-        let w64 = w
-            .to_device(&Device::Cpu)
-            .unwrap()
-            .to_dtype(DType::F64)
-            .unwrap();
+        let x64 = to_cpu64(&x.i(rows.clone()).unwrap());
+        let w64 = to_cpu64(&w);
         let reference = x64.matmul(&w64.t().unwrap()).unwrap();
         let ours_err = max_rel_error(&ours.i(rows.clone()).unwrap(), &reference);
         let cublas_err = max_rel_error(&cublas.i(rows).unwrap(), &reference);
@@ -1044,16 +1020,13 @@ fn exact_gradients_against_cublas_fp32(device: &Device, (m, k, n): (usize, usize
     let (dx, dw) = (grads.get(&x).unwrap(), grads.get(&w).unwrap());
     let cublas_dx = g.matmul(&w).unwrap();
     let cublas_dw = g.t().unwrap().matmul(&x).unwrap();
-    let f64_of = |t: &Tensor| t.to_device(&Device::Cpu)?.to_dtype(DType::F64);
     let rows = 0..16;
     // dx rows = g rows · W; dW rows = (columns of g)ᵀ · x.
-    let dx64 = f64_of(&g.i(rows.clone()).unwrap())
-        .unwrap()
-        .matmul(&f64_of(&w).unwrap())
+    let dx64 = to_cpu64(&g.i(rows.clone()).unwrap())
+        .matmul(&to_cpu64(&w))
         .unwrap();
-    let dw64 = f64_of(&g.i((.., rows.clone())).unwrap().t().unwrap())
-        .unwrap()
-        .matmul(&f64_of(&x).unwrap())
+    let dw64 = to_cpu64(&g.i((.., rows.clone())).unwrap().t().unwrap())
+        .matmul(&to_cpu64(&x))
         .unwrap();
     for (name, ours, cublas, reference) in
         [("dx", dx, &cublas_dx, &dx64), ("dW", dw, &cublas_dw, &dw64)]
@@ -1118,11 +1091,8 @@ fn optimizer_steps_on_gpu_match_cpu() {
     use candle_nn::Optimizer;
     let Some(device) = gpu() else { return };
     for model in ["swish_scale", "scale_batchnorm", "sigmoid_residual"] {
-        let dir = format!("{}/models/{model}", env!("CARGO_MANIFEST_DIR"));
-        let checkpoint = Checkpoint::from_dir(&dir).unwrap();
-        let golden =
-            candle_core::safetensors::load(format!("{dir}/golden.safetensors"), &Device::Cpu)
-                .unwrap();
+        let checkpoint = Checkpoint::from_dir(shipped(model)).unwrap();
+        let golden = golden(model);
         let train = |device: &Device| -> Vec<(String, Tensor)> {
             let varmap = checkpoint.var_map(DType::F32, device).unwrap();
             let vb = candle_nn::VarBuilder::from_varmap(&varmap, DType::F32, device);

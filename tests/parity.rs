@@ -8,23 +8,13 @@ use candle_fused::{
     fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Checkpoint, Epilogue,
     OutputScale, Precision,
 };
-use common::to_f64;
-use std::collections::HashMap;
+use common::{golden, shipped, to_f64};
 
 const MODELS: [&str; 3] = ["swish_scale", "scale_batchnorm", "sigmoid_residual"];
 
-fn golden(model: &str) -> HashMap<String, Tensor> {
-    let path = format!(
-        "{}/models/{model}/golden.safetensors",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
-}
-
 /// Runs a shipped model in `dtype` on its golden input and checks every output.
 fn check_model(model: &str, dtype: DType, train: bool, path: GradientPath) {
-    let dir = format!("{}/models/{model}", env!("CARGO_MANIFEST_DIR"));
-    let checkpoint = Checkpoint::from_dir(&dir).unwrap();
+    let checkpoint = Checkpoint::from_dir(shipped(model)).unwrap();
     let varmap = checkpoint.var_map(dtype, &Device::Cpu).unwrap();
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, dtype, &Device::Cpu);
     let net = candle_fused::Model::load(vb, &checkpoint.config).unwrap();

@@ -4,7 +4,7 @@
 mod common;
 use candle_core::{DType, Device};
 use candle_fused::Checkpoint;
-use common::to_f64;
+use common::{shipped, to_f64};
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -29,13 +29,12 @@ fn train_lowers_the_loss_and_saves_a_loadable_checkpoint() {
     let binary = train_binary();
     assert!(binary.exists(), "{} is not built", binary.display());
     for model in ["swish_scale", "scale_batchnorm", "sigmoid_residual"] {
-        let dir = format!("{}/models/{model}", env!("CARGO_MANIFEST_DIR"));
+        let dir = shipped(model);
         let out =
             std::env::temp_dir().join(format!("candle-fused-train-{model}-{}", std::process::id()));
         let run = Command::new(&binary)
-            .args([
-                &dir, "--steps", "60", "--lr", "3e-3", "--device", "cpu", "--out",
-            ])
+            .arg(&dir)
+            .args(["--steps", "60", "--lr", "3e-3", "--device", "cpu", "--out"])
             .arg(&out)
             .output()
             .unwrap();

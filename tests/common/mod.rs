@@ -1,7 +1,21 @@
 //! Helpers shared by the integration tests (each test file uses some of them).
 #![allow(dead_code)]
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// The directory of a shipped model, `models/NAME`.
+pub fn shipped(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("models")
+        .join(name)
+}
+
+/// A shipped model's PyTorch goldens (`golden.safetensors`), on the CPU.
+pub fn golden(name: &str) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(shipped(name).join("golden.safetensors"), &Device::Cpu).unwrap()
+}
 
 /// Asserts that `result` is an error whose message contains every one of `needles`.
 #[track_caller]
