@@ -914,16 +914,7 @@ fn reference_sizes_match_float64_spot_checks() {
             let rows: Vec<usize> = (0..8).map(|i| (i * 7919 + 13) % m).collect();
             let cols: Vec<usize> = (0..8).map(|j| (j * 104729 + 5) % n).collect();
             let f64_rows = |t: &Tensor, idx: &[usize]| -> Vec<Vec<f64>> {
-                idx.iter()
-                    .map(|&i| {
-                        t.i(i)
-                            .unwrap()
-                            .to_dtype(DType::F64)
-                            .unwrap()
-                            .to_vec1::<f64>()
-                            .unwrap()
-                    })
-                    .collect()
+                idx.iter().map(|&i| to_f64(&t.i(i).unwrap())).collect()
             };
             let (xr, wr) = (f64_rows(&x, &rows), f64_rows(&w, &cols));
             let (bv, sv) = (
