@@ -3,10 +3,11 @@
 //! Every function checks dtypes and extents, allocates its outputs (and any workspace) through
 //! candle's allocator on the operands' device, and enqueues the kernels on candle's stream, so
 //! that they are ordered with the rest of the graph: no synchronisation, no host round trip.
-//! The forward keeps its workspace (up to 64 MiB: a train-mode BatchNorm's partial statistics,
-//! the exact f32 GEMM's scratch) per host thread, device and stream from call to call, and a
-//! train-mode BatchNorm allocates its statistics after the GEMM's launch: the host work before
-//! a forward's first kernel is time that an idle GPU waits.
+//! The forward and the epilogue backward keep their workspace (up to 64 MiB: a train-mode
+//! BatchNorm's partial statistics, the exact f32 GEMM's scratch, the backward's per-feature
+//! partial sums) per host thread, device and stream from call to call, and a train-mode
+//! BatchNorm allocates its statistics after the GEMM's launch: the host work before a
+//! forward's first kernel is time that an idle GPU waits.
 //! A failed launch comes back as a [`candle_core::Error`] naming the kernel and CUDA's message.
 
 mod ffi;
@@ -292,7 +293,7 @@ fn alloc_stats(dev: &CudaDevice, n: usize) -> Result<CudaStorage> {
 /// [`with_workspace`]; larger ones are allocated for the call.
 const KEPT_WORKSPACE_FLOATS: usize = 16 << 20;
 
-/// A forward workspace kept for the next forward on the same device and stream.
+/// A workspace kept for the next forward or backward on the same device and stream.
 struct KeptWorkspace {
     device: candle_core::cuda::DeviceId,
     stream: usize,
@@ -300,15 +301,16 @@ struct KeptWorkspace {
 }
 
 thread_local! {
-    /// This thread's forward workspaces, one per device and stream it ran a forward on.
+    /// This thread's workspaces, one per device and stream it ran a forward or backward on.
     static KEPT_WORKSPACES: RefCell<Vec<KeptWorkspace>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with `len` floats of forward workspace on `dev` (`None` when `len` is 0). Up to
+/// Runs `f` with `len` floats of workspace on `dev` (`None` when `len` is 0). Up to
 /// [`KEPT_WORKSPACE_FLOATS`], it is this thread's kept workspace for the device and stream, grown
-/// when too small: an allocation less before the forward's first kernel, which an idle GPU
-/// waits out. Reuse is safe because the forward's kernels that use the workspace are all
-/// enqueued on `stream` (inside `f`), so a later call's kernels start after them.
+/// when too small: an allocation less before a forward's first kernel, which an idle GPU waits
+/// out, and none in a training step's backward. Reuse is safe because the kernels that use the
+/// workspace are all enqueued on `stream` (inside `f`), so a later call's kernels start after
+/// them.
 fn with_workspace<R>(
     dev: &CudaDevice,
     stream: &CudaStream,
@@ -318,7 +320,8 @@ fn with_workspace<R>(
     // SAFETY (every allocation below): the kernels write every float of a workspace before they
     // read it: the partials before the merge, the merged factors before the normalisation,
     // stream-K's partial tiles before their sums, x's TF32 remainders before the exact GEMM that
-    // reads them; the launch zeroes stream-K's flags first.
+    // reads them, the backward's partial sums before their reduction; the launch zeroes
+    // stream-K's flags first.
     if len == 0 {
         return f(None);
     }
@@ -326,8 +329,8 @@ fn with_workspace<R>(
         return f(Some(&mut unsafe { dev.alloc::<f32>(len)? }));
     }
     KEPT_WORKSPACES.with(|cell| {
-        // Nothing inside `f` runs another forward, so the cell is never borrowed here already;
-        // if it were, a fresh workspace would still be correct.
+        // Nothing inside `f` runs another forward or backward, so the cell is never borrowed
+        // here already; if it were, a fresh workspace would still be correct.
         let Ok(mut kept) = cell.try_borrow_mut() else {
             return f(Some(&mut unsafe { dev.alloc::<f32>(len)? }));
         };
@@ -409,9 +412,10 @@ fn backward(
     // SAFETY: the function only reads the plain fields of `args`.
     let workspace_len =
         usize::try_from(unsafe { ffi::fused_backward_workspace_floats(&args) }).unwrap_or(0);
-    // SAFETY: the kernels write every partial sum before reading it.
-    let mut workspace = unsafe { dev.alloc::<f32>(workspace_len.max(1))? };
-    {
+    with_workspace(&dev, &stream, workspace_len, |workspace| {
+        let Some(workspace) = workspace else {
+            bail!("{OP}: the kernels reported an empty workspace for m={m} n={n}");
+        };
         bind(&stream, OP)?;
         let (gp, _gg) = input_ptr(g.0, g.1, m * n, &stream, "grad")?;
         let zp = z
@@ -437,8 +441,8 @@ fn backward(
         check(
             unsafe { ffi::fused_backward(&args, stream.cu_stream() as *mut c_void) },
             "fused_backward",
-        )?;
-    }
+        )
+    })?;
     Ok((dz, dparams))
 }
 
