@@ -450,7 +450,12 @@ struct LinearEpilogue {
 //     same tiles ran 1024x8192->8192 with SigmoidResidual's epilogue 15-21% behind cuBLAS's bare
 //     GEMM in TF32 and 12-15% in bf16, and two warpgroups sharing a 128x256 tile (which reads
 //     each tile of x for twice the output) 4.5-10% ahead of them: devices with memory under
-//     WIDE_BATCH_FAST_MEMORY_BYTES_PER_S run those (WideBatchSlowMemory).
+//     WIDE_BATCH_FAST_MEMORY_BYTES_PER_S run those in TF32 (WideBatchSlowMemory). In f16 and
+//     bf16 they run the tile and cluster of cuBLAS's own kernels for these shapes there
+//     (WideBatchSlowMemory16Bit): 256x128, each warpgroup owning 128x128 of it, in clusters
+//     along n that share the x tile; through the op, on an H100, about 1% faster than 128x256
+//     in bf16 (ScaleBatchNorm's and SigmoidResidual's forwards and train steps), 3-4% slower in
+//     TF32.
 //   - Narrow (m <= 128: one row of tiles, so clusters go along n and share the x tile), bound by
 //     streaming w once. Two cooperative warpgroups share a 128x128 tile whose k steps are 256
 //     bytes (128 16-bit or 64 f32 elements, three stages): each stage reads 256 contiguous bytes
@@ -474,8 +479,8 @@ struct PingPong {
   using Epilogue = cutlass::epilogue::TmaWarpSpecialized;
   static constexpr int tile_m = 128, tile_n = 128;
 };
-// Cooperative<128, 128> is the narrow batch's and exact f32's tile, Cooperative<128, 256> the
-// wide batch's on devices with slower memory.
+// Cooperative<128, 128> is the narrow batch's and exact f32's tile, Cooperative<128, 256> and
+// Cooperative<256, 128> the wide batch's on devices with slower memory.
 template <int TileM, int TileN>
 struct Cooperative {
   using Mainloop = cutlass::gemm::KernelTmaWarpSpecializedCooperative;
@@ -524,6 +529,8 @@ struct TileConfig {
 using WideBatch = TileConfig<PingPong, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
 using WideBatchSlowMemory =
     TileConfig<Cooperative<128, 256>, Shape<_2, _1, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
+using WideBatchSlowMemory16Bit =
+    TileConfig<Cooperative<256, 128>, Shape<_1, _2, _1>, cutlass::epilogue::collective::EpilogueTileAuto, 128>;
 using NarrowBatch = TileConfig<Cooperative<128, 128>, Shape<_1, _2, _1>, Shape<_128, cute::_16>, 256>;
 template <class Cluster, class Sharing>
 using Exact = TileConfig<Cooperative<128, 128>, Cluster, Shape<_128, cute::_16>, 128, ThreeProducts, Sharing>;
@@ -533,7 +540,8 @@ using ExactNarrowBatch = Exact<Shape<_1, _2, _1>, StreamK>;
 using ExactNarrowWholeTiles = Exact<Shape<_1, _2, _1>, WholeTiles>;
 constexpr int64_t NARROW_BATCH_ROWS = 128;
 // Devices whose memory moves fewer bytes a second than this (an H100 SXM's HBM3: 3.35 TB/s; an
-// H200's HBM3e: 4.8) run the wide batch on WideBatchSlowMemory.
+// H200's HBM3e: 4.8) run the wide batch on WideBatchSlowMemory (TF32) or
+// WideBatchSlowMemory16Bit (f16, bf16).
 constexpr double WIDE_BATCH_FAST_MEMORY_BYTES_PER_S = 4e12;
 
 int64_t batch_norm_workspace_floats(const FusedLinearArgs& a, int64_t row_tile) {
@@ -823,7 +831,12 @@ auto with_config(const FusedLinearArgs& a, int device, F f) {
     }
   }
   if (a.m <= NARROW_BATCH_ROWS) return f(NarrowBatch{});
-  return device_info[device].slow_memory.load(std::memory_order_relaxed) ? f(WideBatchSlowMemory{}) : f(WideBatch{});
+  if (!device_info[device].slow_memory.load(std::memory_order_relaxed)) return f(WideBatch{});
+  if constexpr (sizeof(T) == 2) {
+    return f(WideBatchSlowMemory16Bit{});
+  } else {
+    return f(WideBatchSlowMemory{});
+  }
 }
 
 template <class T>

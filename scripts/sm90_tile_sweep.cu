@@ -27,7 +27,8 @@
 
 namespace fused::sm90 {
 
-// Alternatives to the production configurations (WideBatch, WideBatchSlowMemory, NarrowBatch).
+// Alternatives to the production configurations (WideBatch, WideBatchSlowMemory,
+// WideBatchSlowMemory16Bit, NarrowBatch).
 template <class T>
 constexpr int kNarrow128x256KBytes = sizeof(T) == 4 ? 64 : 128;
 using AutoTile = cutlass::epilogue::collective::EpilogueTileAuto;
@@ -228,8 +229,9 @@ void time_wide_configs(cublasHandle_t handle, const FusedLinearArgs& a, const ch
   time_cublas(handle, a);
   time_config<T, WideBatch>(wide_name, a);
   time_config<T, WidePingPongClusterN>("ping-pong 128x128, cluster 1x2", a);
-  time_config<T, WideBatchSlowMemory>("cooperative 128x256, cluster 2x1 (slow memory)", a);
+  time_config<T, WideBatchSlowMemory>("cooperative 128x256, cluster 2x1 (slow, TF32)", a);
   time_config<T, WideCooperative256x128>("cooperative 256x128, cluster 2x1", a);
+  time_config<T, WideBatchSlowMemory16Bit>("cooperative 256x128, cluster 1x2 (slow, 16-bit)", a);
 }
 
 // The wide-batch alternatives on SigmoidResidual's epilogue at 1024×8192→8192, in T.
