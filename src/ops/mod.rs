@@ -40,9 +40,15 @@
 //! f32 also makes dz's TF32 remainders (its size) for the Hopper kernel that reads `W` as it
 //! lies, and `Wᵀ`, one more weight-sized buffer, only where that kernel does not take the input
 //! gradient (another GPU, or a shape it does not take); TF32 makes dz rounded to TF32 (its size)
-//! for that kernel when a batch of at most 128 rows uses it. The exact f32 forward, where its
-//! Hopper kernel takes the problem (enough output tiles to fill the GPU), makes x's TF32
-//! remainders (x's size) for as long as the product runs.
+//! for that kernel when a batch of at most 128 rows uses it.
+//!
+//! **What stays allocated between calls.** On the GPU, each host thread keeps one workspace per
+//! device and stream, of up to 64 MiB, which the next forward or backward there reuses: a
+//! train-mode BatchNorm's partial statistics, the exact f32 forward's TF32 remainders of x (x's
+//! size, where its Hopper kernel takes the problem: enough output tiles to fill the GPU), the
+//! exact f32 GEMM's partial tiles where CTAs share a tile, and the backward's per-feature
+//! partial sums. It grows to the largest need seen; a need above
+//! 64 MiB is allocated for the call and freed when it returns.
 
 mod autograd;
 mod batch_norm;
