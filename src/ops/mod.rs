@@ -47,8 +47,8 @@
 //! train-mode BatchNorm's partial statistics, the exact f32 forward's TF32 remainders of x (x's
 //! size, where its Hopper kernel takes the problem: enough output tiles to fill the GPU), the
 //! exact f32 GEMM's partial tiles where CTAs share a tile, and the backward's per-feature
-//! partial sums. It grows to the largest need seen; a need above
-//! 64 MiB is allocated for the call and freed when it returns.
+//! partial sums. It grows to the largest need seen; a need above 64 MiB is allocated for the
+//! call and freed when it returns.
 
 mod autograd;
 mod batch_norm;
