@@ -133,9 +133,11 @@ fn run() -> Result<()> {
     let x = inputs
         .get("x")
         .ok_or_else(|| candle_core::Error::Msg("the input file has no tensor \"x\"".into()))?;
-    if !matches!(x.dims(), &[b, i] if b > 0 && i == config.in_features) {
+    // Any leading dimensions, as PyTorch's nn.Linear takes (the BatchNorm model's error names
+    // its own need for a (batch, in) matrix).
+    if !matches!(x.dims(), &[.., i] if i == config.in_features) || x.elem_count() == 0 {
         candle_core::bail!(
-            "input x has shape {:?}, expected (batch, {})",
+            "input x has shape {:?}, expected (..., {}) with at least one row",
             x.dims(),
             config.in_features
         );

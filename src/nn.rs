@@ -26,7 +26,8 @@ pub trait TracedModuleT {
     fn forward_traced(&self, xs: &Tensor, train: bool) -> Result<(Tensor, Trace)>;
 }
 
-/// A linear layer with a fused epilogue: `y = epilogue(x·Wᵀ + b)`.
+/// A linear layer with a fused epilogue: `y = epilogue(x·Wᵀ + b)`, for an input `(..., in)`
+/// (any leading dimensions, as PyTorch's `nn.Linear`) and an output `(..., out)`.
 #[derive(Clone, Debug)]
 pub struct FusedLinear {
     weight: Tensor,
@@ -143,7 +144,8 @@ impl TracedModuleT for FusedLinear {
     }
 }
 
-/// PyTorch's `SwishScale`: `y = z * sigmoid(z) * scaling_factor` with `z = matmul(x)`.
+/// PyTorch's `SwishScale`: `y = z * sigmoid(z) * scaling_factor` with `z = matmul(x)`, for an
+/// input `(..., in)` as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct SwishScale {
     matmul: FusedLinear,
@@ -187,7 +189,8 @@ impl TracedModuleT for SwishScale {
     }
 }
 
-/// PyTorch's `SigmoidResidual`: `y = sigmoid(z) * scaling_factor + z` with `z = gemm(x)`.
+/// PyTorch's `SigmoidResidual`: `y = sigmoid(z) * scaling_factor + z` with `z = gemm(x)`, for
+/// an input `(..., in)` as in PyTorch.
 #[derive(Clone, Debug)]
 pub struct SigmoidResidual {
     gemm: FusedLinear,
@@ -231,7 +234,8 @@ impl TracedModuleT for SigmoidResidual {
     }
 }
 
-/// PyTorch's `ScaleBatchNorm`: `y = bn(gemm(x) * scale)`, with `bn` a `BatchNorm1d`.
+/// PyTorch's `ScaleBatchNorm`: `y = bn(gemm(x) * scale)`, with `bn` a `BatchNorm1d`, for an
+/// input `(batch, in)` (the one shape for which PyTorch's module normalises per feature).
 ///
 /// In train mode ([`ModuleT::forward_t`] with `train = true`) it normalises by the batch
 /// statistics and updates `bn.running_mean` (with momentum), `bn.running_var` (with the

@@ -5,9 +5,9 @@
 mod common;
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_fused::{
-    fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, BatchStats, Epilogue,
-    FusedLinear, Model, ModelConfig, ModelKind, Precision, RunningUpdate, ScaleBatchNorm,
-    SwishScale, TracedModuleT,
+    fused_linear, fused_linear_batch_norm, fused_linear_traced, Activation, BatchNormParams,
+    BatchStats, Epilogue, FusedLinear, Model, ModelConfig, ModelKind, Precision, RunningUpdate,
+    ScaleBatchNorm, SwishScale, TracedModuleT,
 };
 use candle_nn::{VarBuilder, VarMap};
 use common::{assert_err, to_f64};
@@ -207,33 +207,143 @@ fn config(kind: ModelKind, inp: usize, out: usize) -> ModelConfig {
     }
 }
 
+/// The BatchNorm op and module take a `(batch, in)` matrix only, as PyTorch's `BatchNorm1d`
+/// after a linear layer; the linear op and its modules take `(..., in)`, as `nn.Linear`, so only
+/// a scalar input is wrong there.
 #[test]
-fn input_of_rank_other_than_two_is_rejected() {
+fn input_of_the_wrong_rank_is_rejected() {
     let base = Operands::new(4, 8, 6);
     for (dims, shown) in [(vec![8], "[8]"), (vec![2, 4, 8], "[2, 4, 8]")] {
         let ops = Operands {
             x: uniform(&dims, -1.0, 1.0, 9),
             ..Operands::new(4, 8, 6)
         };
-        assert_both_err(&ops, &["input must have shape (batch, in_features)", shown]);
-        // The same through the modules.
-        for kind in [
-            ModelKind::SwishScale,
-            ModelKind::SigmoidResidual,
-            ModelKind::ScaleBatchNorm,
-        ] {
-            let model = fresh_model(&config(kind, 8, 6));
-            for train in [false, true] {
-                assert_err(
-                    model.forward_t(&ops.x, train),
-                    &["input must have shape (batch, in_features)", shown],
-                );
-            }
+        for train in [false, true] {
+            assert_err(
+                ops.batch_norm(train),
+                &[OPS[1], "input must have shape (batch, in_features)", shown],
+            );
+            let model = fresh_model(&config(ModelKind::ScaleBatchNorm, 8, 6));
+            assert_err(
+                model.forward_t(&ops.x, train),
+                &["input must have shape (batch, in_features)", shown],
+            );
         }
     }
+    let scalar = Operands {
+        x: Tensor::new(1f32, &Device::Cpu).unwrap(),
+        ..Operands::new(4, 8, 6)
+    };
+    assert_err(
+        scalar.linear(),
+        &[OPS[0], "input must have shape (..., in_features)", "[]"],
+    );
+    for kind in [ModelKind::SwishScale, ModelKind::SigmoidResidual] {
+        let model = fresh_model(&config(kind, 8, 6));
+        assert_err(
+            model.forward_t(&scalar.x, false),
+            &["input must have shape (..., in_features)", "[]"],
+        );
+    }
+    // Leading dimensions do not hide a wrong feature count or an empty batch.
+    let wrong_features = Operands {
+        x: uniform(&[2, 3, 7], -1.0, 1.0, 10),
+        ..Operands::new(4, 8, 6)
+    };
+    assert_err(wrong_features.linear(), &[OPS[0], "7 features", "[6, 8]"]);
+    let empty = Operands {
+        x: Tensor::zeros((2, 0, 8), DType::F32, &Device::Cpu).unwrap(),
+        ..Operands::new(4, 8, 6)
+    };
+    assert_err(empty.linear(), &[OPS[0], "empty operands", "[2, 0, 8]"]);
     // The valid operands do work (the errors above come from the rank alone).
     for (op, result) in base.both() {
         assert_eq!(result.unwrap().dims(), &[4, 6], "{op}");
+    }
+}
+
+/// `fused_linear` and the modules over it take any leading dimensions as `nn.Linear` does: the
+/// output keeps them, and the output and every gradient (through autograd and through a trace)
+/// are those of the same rows given as one `(batch, in)` matrix.
+#[test]
+fn leading_dimensions_are_flattened_like_nn_linear() {
+    let ops = Operands::new(6, 8, 5);
+    let epilogue = Epilogue::swish_scale(FACTOR);
+    let linear =
+        |x: &Tensor| fused_linear(x, &ops.w, Some(&ops.b), None, epilogue, Precision::Exact);
+    // The gradients of Σ y ⊙ g for x, the weight and the bias, through Candle's autograd.
+    let autograd_grads = |x: &Tensor, g: &Tensor| -> Vec<Tensor> {
+        let vars = [x, &ops.w, &ops.b].map(|t| Var::from_tensor(t).unwrap());
+        let y = fused_linear(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            Some(vars[2].as_tensor()),
+            None,
+            epilogue,
+            Precision::Exact,
+        )
+        .unwrap();
+        let grads = (y * g).unwrap().sum_all().unwrap().backward().unwrap();
+        vars.iter()
+            .map(|v| grads.get(v.as_tensor()).unwrap().clone())
+            .collect()
+    };
+    let traced_grads = |x: &Tensor, g: &Tensor| -> Vec<Tensor> {
+        let (_, trace) =
+            fused_linear_traced(x, &ops.w, Some(&ops.b), None, epilogue, Precision::Exact).unwrap();
+        let grads = trace.backward(g).unwrap();
+        [x, &ops.w, &ops.b]
+            .iter()
+            .map(|t| grads.get(t).unwrap().clone())
+            .collect()
+    };
+    let matrix_y = linear(&ops.x).unwrap();
+    let matrix_g = uniform(&[6, 5], -1.0, 1.0, 11);
+    let matrix_autograd = autograd_grads(&ops.x, &matrix_g);
+    let matrix_traced = traced_grads(&ops.x, &matrix_g);
+    for leading in [vec![2, 3], vec![3, 1, 2], vec![1, 6]] {
+        let x = ops.x.reshape([leading.as_slice(), &[8]].concat()).unwrap();
+        let out_dims = [leading.as_slice(), &[5]].concat();
+        let g = matrix_g.reshape(out_dims.as_slice()).unwrap();
+        let y = linear(&x).unwrap();
+        assert_eq!(y.dims(), out_dims.as_slice());
+        assert_same(&y.reshape((6, 5)).unwrap(), &matrix_y);
+        for (grads, matrix) in [
+            (autograd_grads(&x, &g), &matrix_autograd),
+            (traced_grads(&x, &g), &matrix_traced),
+        ] {
+            assert_eq!(grads[0].dims(), x.dims(), "{leading:?}");
+            assert_same(&grads[0].reshape((6, 8)).unwrap(), &matrix[0]);
+            assert_same(&grads[1], &matrix[1]);
+            assert_same(&grads[2], &matrix[2]);
+        }
+        // A trace wants the gradient in the output's shape, not the flattened one.
+        let (_, trace) =
+            fused_linear_traced(&x, &ops.w, Some(&ops.b), None, epilogue, Precision::Exact)
+                .unwrap();
+        assert_err(
+            trace.backward(&matrix_g),
+            &["backward", "shape [6, 5]", &format!("{out_dims:?}")],
+        );
+    }
+    // A single sample `(in,)` gives `(out,)`, the first row of the matrix result.
+    let row = ops.x.get(0).unwrap();
+    let y = linear(&row).unwrap();
+    assert_eq!(y.dims(), &[5]);
+    assert_same(&y, &matrix_y.get(0).unwrap());
+    // Non-contiguous leading dimensions: the batch as the transpose of a (3, 2, 8) tensor.
+    let x = ops.x.reshape((3, 2, 8)).unwrap().transpose(0, 1).unwrap();
+    assert!(!x.is_contiguous());
+    let expected = linear(&x.contiguous().unwrap()).unwrap();
+    assert_same(&linear(&x).unwrap(), &expected);
+    // Through the modules over the op.
+    for kind in [ModelKind::SwishScale, ModelKind::SigmoidResidual] {
+        let model = fresh_model(&config(kind, 8, 5));
+        let x = ops.x.reshape((2, 3, 8)).unwrap();
+        let batch = model.forward_t(&ops.x, false).unwrap();
+        let y = model.forward_t(&x, false).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 5]);
+        assert_same(&y.reshape((6, 5)).unwrap(), &batch);
     }
 }
 

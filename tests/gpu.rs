@@ -1060,6 +1060,63 @@ fn non_contiguous_inputs_are_made_contiguous() {
     assert_eq!(max_rel_error(&y, &reference), 0.0);
 }
 
+/// An input with leading dimensions, `(2, 3, in)` and not contiguous: the output `(2, 3, out)`
+/// and every traced gradient are those of the same six rows given as a matrix, in every mode.
+#[test]
+fn leading_dimensions_match_the_matrix_input() {
+    let Some(device) = gpu() else { return };
+    let shapes: [(&[usize], f32, f32); 4] = [
+        (&[3, 2, 40], -1.0, 1.0),
+        (&[31, 40], -0.2, 0.2),
+        (&[31], -0.5, 0.5),
+        (&[2, 3, 31], -1.0, 1.0),
+    ];
+    let epilogue = Epilogue::swish_scale(2.0);
+    for (dtype, precision, tolerance) in MODES {
+        let ops = operands(&device, &shapes, dtype);
+        let [x, w, b, g] = [0, 1, 2, 3].map(|i| ops.gpu[i].clone());
+        let x = x.transpose(0, 1).unwrap();
+        assert!(!x.is_contiguous());
+        let matrix = x.contiguous().unwrap().reshape((6, 40)).unwrap();
+        let (y, trace) = fused_linear_traced(&x, &w, Some(&b), None, epilogue, precision).unwrap();
+        let (matrix_y, matrix_trace) =
+            fused_linear_traced(&matrix, &w, Some(&b), None, epilogue, precision).unwrap();
+        assert_eq!(y.dims(), &[2, 3, 31]);
+        let err = max_rel_error(&y.reshape((6, 31)).unwrap(), &matrix_y);
+        assert!(
+            err <= tolerance,
+            "{dtype:?} {precision:?}: y off by {err:.2e}"
+        );
+        let grads = trace.backward(&g).unwrap();
+        let matrix_grads = matrix_trace.backward(&g.reshape((6, 31)).unwrap()).unwrap();
+        let dx = grads.get(&x).unwrap();
+        assert_eq!(dx.dims(), x.dims());
+        for (name, ours, want) in [
+            (
+                "x",
+                &dx.reshape((6, 40)).unwrap(),
+                matrix_grads.get(&matrix).unwrap(),
+            ),
+            (
+                "weight",
+                grads.get(&w).unwrap(),
+                matrix_grads.get(&w).unwrap(),
+            ),
+            (
+                "bias",
+                grads.get(&b).unwrap(),
+                matrix_grads.get(&b).unwrap(),
+            ),
+        ] {
+            let err = max_rel_error(ours, want);
+            assert!(
+                err <= tolerance,
+                "{dtype:?} {precision:?}: grad of {name} off by {err:.2e}"
+            );
+        }
+    }
+}
+
 #[test]
 fn operands_on_different_devices_are_an_error() {
     let Some(device) = gpu() else { return };

@@ -3,7 +3,8 @@
 use super::autograd::{self, Saved};
 use super::trace::{linear_targets, Graph, Target, Trace};
 use super::{
-    check_linear_operands, same_storage, scale_operand, ParamOperand, ParamRows, Precision,
+    check_linear_operands, same_storage, scale_operand, InputRank, ParamOperand, ParamRows,
+    Precision,
 };
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
@@ -436,8 +437,9 @@ struct LinearBatchNormOp {
 /// running statistics in place) or eval mode (normalised by `bn.running_mean` and
 /// `bn.running_var`).
 ///
-/// The operands are those of [`fused_linear`](crate::fused_linear) plus `bn`. Train mode needs
-/// a batch of at least two rows, as in PyTorch. Gradients flow to `x`, `weight`, `bias`, `scale`
+/// The operands are those of [`fused_linear`](crate::fused_linear) plus `bn`, except that `x`
+/// must be a `(batch, in)` matrix, as `nn.BatchNorm1d` after a linear layer needs. Train mode
+/// needs a batch of at least two rows, as in PyTorch. Gradients flow to `x`, `weight`, `bias`, `scale`
 /// and BatchNorm's weight and bias; in train mode they go through the batch statistics as in
 /// PyTorch.
 #[allow(clippy::too_many_arguments)]
@@ -481,7 +483,8 @@ pub fn fused_linear_batch_norm_traced(
     targets.push((bn.weight.clone(), Target::Row(gamma)));
     targets.push((bn.bias.clone(), Target::Row(gamma + 1)));
     let stats = call.saved.batch_stats(train)?;
-    let trace = Trace::new(call.op, [call.x, call.weight, call.params], &y, targets);
+    let operands = [call.x, call.weight, call.params];
+    let trace = Trace::new(call.op, operands, &y, y.dims(), targets);
     Ok((y, stats, trace))
 }
 
@@ -515,7 +518,7 @@ impl BatchNormCall {
             vectors.push(("bias", b));
         }
         vectors.extend(scale_operand(OP, &epilogue, scale)?);
-        let (batch, _, _) = check_linear_operands(OP, x, weight, &vectors)?;
+        let (batch, _, _) = check_linear_operands(OP, x, weight, &vectors, InputRank::Matrix)?;
         if train && batch < 2 {
             candle_core::bail!(
                 "{OP}: train mode needs more than one value per feature, got a batch of {batch}"

@@ -2,7 +2,7 @@
 
 use super::autograd::{self, Saved};
 use super::trace::{linear_targets, Graph, Trace};
-use super::{check_linear_operands, scale_operand, ParamOperand, ParamRows, Precision};
+use super::{check_linear_operands, scale_operand, InputRank, ParamOperand, ParamRows, Precision};
 use crate::cpu::{self, Accum};
 use crate::epilogue::Epilogue;
 use candle_core::backend::BackendStorage;
@@ -26,8 +26,10 @@ struct FusedLinearOp {
 /// `y = epilogue(x·Wᵀ + b)`, fused: on the GPU one kernel computes the product and the
 /// epilogue; on the CPU the epilogue is one pass over the product.
 ///
-/// - `x`: `(batch, in)`; `weight`: `(out, in)` (PyTorch's `nn.Linear` layout); `bias` and
-///   `scale`: `(out,)`. All of one dtype (f32, f64, f16, bf16) and one device.
+/// - `x`: `(..., in)`, as PyTorch's `nn.Linear` takes it: `(batch, in)`, `(in,)`, or any
+///   leading dimensions, which the op flattens into one batch and `y` keeps (`(..., out)`);
+///   `weight`: `(out, in)` (PyTorch's `nn.Linear` layout); `bias` and `scale`: `(out,)`. All of
+///   one dtype (f32, f64, f16, bf16) and one device.
 /// - `scale` is the learned per-feature factor and must be given exactly when
 ///   `epilogue.scale` is [`OutputScale::PerFeature`](crate::OutputScale::PerFeature).
 /// - `precision` selects the f32 GPU product (see [`Precision`]).
@@ -43,7 +45,11 @@ pub fn fused_linear(
     precision: Precision,
 ) -> Result<Tensor> {
     let call = LinearCall::new(x, weight, bias, scale, epilogue, precision, Graph::Autograd)?;
-    call.x.apply_op3_arc(&call.weight, &call.params, call.op)
+    let y = call.x.apply_op3_arc(&call.weight, &call.params, call.op)?;
+    match call.output_shape {
+        Some(shape) => y.reshape(shape),
+        None => Ok(y),
+    }
 }
 
 /// [`fused_linear`] outside Candle's autograd graph, with a [`Trace`] of the call whose
@@ -62,17 +68,25 @@ pub fn fused_linear_traced(
         .x
         .apply_op3_arc(&call.weight, &call.params, call.op.clone())?;
     let targets = linear_targets(x, weight, bias, scale, &call.rows);
-    let trace = Trace::new(call.op, [call.x, call.weight, call.params], &y, targets);
-    Ok((y, trace))
+    let output = match &call.output_shape {
+        Some(shape) => y.reshape(shape)?,
+        None => y.clone(),
+    };
+    let operands = [call.x, call.weight, call.params];
+    let trace = Trace::new(call.op, operands, &y, output.dims(), targets);
+    Ok((output, trace))
 }
 
 /// A checked fused-linear call, ready to apply: the op and its three operands.
 struct LinearCall {
     op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
     rows: ParamRows,
+    /// The input as a `(batch, in)` matrix.
     x: Tensor,
     weight: Tensor,
     params: Tensor,
+    /// The output's shape, `(..., out)`, when the input was not a matrix.
+    output_shape: Option<Shape>,
 }
 
 impl LinearCall {
@@ -91,8 +105,18 @@ impl LinearCall {
             vectors.push(("bias", b));
         }
         vectors.extend(scale_operand(OP, &epilogue, scale)?);
-        check_linear_operands(OP, x, weight, &vectors)?;
+        let (batch, in_features, out_features) =
+            check_linear_operands(OP, x, weight, &vectors, InputRank::Leading)?;
+        let output_shape = (x.rank() != 2).then(|| {
+            let mut dims = x.dims()[..x.rank() - 1].to_vec();
+            dims.push(out_features);
+            Shape::from(dims)
+        });
         let [x, weight] = graph.operands([x, weight]);
+        let x = match output_shape {
+            Some(_) => x.reshape((batch, in_features))?,
+            None => x,
+        };
         let bias = bias.map(|b| graph.operand(b));
         let scale: Vec<Tensor> = scale.map(|s| graph.operand(s)).into_iter().collect();
         let ParamOperand {
@@ -121,6 +145,7 @@ impl LinearCall {
             x,
             weight,
             params,
+            output_shape,
         })
     }
 }

@@ -141,7 +141,18 @@ impl ParamRows {
     }
 }
 
-/// Checks the operands of a fused linear layer and returns `(batch, in, out)`.
+/// The input shapes an op takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InputRank {
+    /// `(batch, in_features)` only, as BatchNorm1d after a linear layer needs.
+    Matrix,
+    /// `(..., in_features)`, any number of leading dimensions (none included), as PyTorch's
+    /// `nn.Linear` takes: the op sees them flattened into one batch dimension.
+    Leading,
+}
+
+/// Checks the operands of a fused linear layer and returns `(batch, in, out)`, where `batch`
+/// is the product of the input's leading dimensions.
 ///
 /// Every message names the tensor at fault, so that a wrong checkpoint or input is found from
 /// the error alone.
@@ -150,10 +161,17 @@ fn check_linear_operands(
     x: &Tensor,
     weight: &Tensor,
     vectors: &[(&str, &Tensor)],
+    rank: InputRank,
 ) -> Result<(usize, usize, usize)> {
-    let (batch, in_features) = match x.dims() {
-        &[b, i] => (b, i),
-        dims => bail!("{op}: the input must have shape (batch, in_features), got shape {dims:?}"),
+    let (batch, in_features) = match (x.dims(), rank) {
+        (&[b, i], _) => (b, i),
+        (&[ref leading @ .., i], InputRank::Leading) => (leading.iter().product(), i),
+        (dims, InputRank::Matrix) => {
+            bail!("{op}: the input must have shape (batch, in_features), got shape {dims:?}")
+        }
+        (dims, InputRank::Leading) => {
+            bail!("{op}: the input must have shape (..., in_features), got shape {dims:?}")
+        }
     };
     let (out_features, w_in) = match weight.dims() {
         &[o, i] => (o, i),

@@ -101,8 +101,11 @@ pub struct Trace {
     /// `x`, the weight and the op's third input (the parameter table, or its first vector when
     /// the op holds the others), as the forward saw them.
     operands: [Tensor; 3],
-    /// The forward's output (its shape, dtype and device are what `backward` expects).
+    /// The op's output, `(batch, out)` (its dtype and device are what `backward` expects).
     y: Tensor,
+    /// The output's shape as the caller got it: `y`'s, or `(..., out)` for an input with other
+    /// leading dimensions than one batch.
+    output_dims: Vec<usize>,
     /// The tensors given to the call that receive a gradient, and which one.
     targets: Vec<(Tensor, Target)>,
 }
@@ -122,12 +125,14 @@ impl Trace {
         op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
         operands: [Tensor; 3],
         y: &Tensor,
+        output_dims: &[usize],
         targets: Vec<(Tensor, Target)>,
     ) -> Self {
         Self {
             op,
             operands,
             y: y.clone(),
+            output_dims: output_dims.to_vec(),
             targets,
         }
     }
@@ -138,11 +143,11 @@ impl Trace {
     /// gradient; BatchNorm's running statistics get none.
     pub fn backward(&self, dy: &Tensor) -> Result<GradStore> {
         let name = self.op.name();
-        if dy.dims() != self.y.dims() {
+        if dy.dims() != self.output_dims {
             bail!(
                 "{name} backward: the output gradient has shape {:?} but the output has {:?}",
                 dy.dims(),
-                self.y.dims()
+                self.output_dims
             );
         }
         if dy.dtype() != self.y.dtype() {
@@ -156,14 +161,15 @@ impl Trace {
             bail!("{name} backward: the output gradient is on another device than the output");
         }
         let [x, w, p] = &self.operands;
-        let (dx, dw, dp) = self.op.bwd(x, w, p, &self.y, &dy.detach())?;
+        let dy = dy.detach().reshape(self.y.shape())?;
+        let (dx, dw, dp) = self.op.bwd(x, w, p, &self.y, &dy)?;
         let (Some(dx), Some(dw), Some(dp)) = (dx, dw, dp) else {
             bail!("{name} backward: the op returned no gradient for an operand")
         };
         let mut grads = GradStore::default();
         for (tensor, target) in &self.targets {
             let grad = match target {
-                Target::Input => dx.clone(),
+                Target::Input => dx.reshape(tensor.shape())?,
                 Target::Weight => dw.clone(),
                 Target::Row(row) => dp.get(*row)?,
             };
