@@ -31,8 +31,9 @@ for step in $steps; do
     # runs in a process of its own: racecheck's host memory grows with every launch a process
     # makes, and one process for all the tests reached an H100 machine's 128 GB and was killed.
     # Each tool stops after SANITIZER_TIMEOUT seconds over all the tests; SANITIZER_TOOLS picks
-    # the tools (default both).
-    tests=$(.gpu/gpu_tests --list 2>/dev/null | sed -n 's/: test$//p' | grep -vE 'reference_sizes|exact_f32')
+    # the tools (default both), SANITIZER_TESTS (an extended regular expression) the tests.
+    tests=$(.gpu/gpu_tests --list 2>/dev/null | sed -n 's/: test$//p' | grep -vE 'reference_sizes|exact_f32' \
+      | grep -E "${SANITIZER_TESTS:-.}")
     [ -n "$tests" ] || { echo "compute-sanitizer: .gpu/gpu_tests listed no tests"; status=1; }
     for tool in ${SANITIZER_TOOLS:-memcheck racecheck}; do
       echo "== compute-sanitizer $tool"
