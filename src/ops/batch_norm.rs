@@ -439,9 +439,9 @@ struct LinearBatchNormOp {
 ///
 /// The operands are those of [`fused_linear`](crate::fused_linear) plus `bn`, except that `x`
 /// must be a `(batch, in)` matrix, as `nn.BatchNorm1d` after a linear layer needs. Train mode
-/// needs a batch of at least two rows, as in PyTorch. Gradients flow to `x`, `weight`, `bias`, `scale`
-/// and BatchNorm's weight and bias; in train mode they go through the batch statistics as in
-/// PyTorch.
+/// needs a batch of at least two rows, as in PyTorch. Gradients flow to `x`, `weight`, `bias`,
+/// `scale` and BatchNorm's weight and bias; in train mode they go through the batch statistics
+/// as in PyTorch.
 #[allow(clippy::too_many_arguments)]
 pub fn fused_linear_batch_norm(
     x: &Tensor,

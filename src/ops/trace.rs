@@ -114,7 +114,7 @@ impl std::fmt::Debug for Trace {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Trace")
             .field("op", &self.op.name())
-            .field("output", &self.y.shape())
+            .field("output", &self.output_dims)
             .field("gradients", &self.targets.len())
             .finish()
     }
