@@ -29,7 +29,7 @@ struct FusedLinearOp {
 /// - `x`: `(..., in)`, as PyTorch's `nn.Linear` takes it: `(batch, in)`, `(in,)`, or any
 ///   leading dimensions, which the op flattens into one batch and `y` keeps (`(..., out)`);
 ///   `weight`: `(out, in)` (PyTorch's `nn.Linear` layout); `bias` and `scale`: `(out,)`. All of
-///   one dtype (f32, f64, f16, bf16) and one device.
+///   one dtype (f32, f16, bf16; f64 on the CPU) and one device.
 /// - `scale` is the learned per-feature factor and must be given exactly when
 ///   `epilogue.scale` is [`OutputScale::PerFeature`](crate::OutputScale::PerFeature).
 /// - `precision` selects the f32 GPU product (see [`Precision`]).
