@@ -524,13 +524,45 @@ fn truncated_or_corrupt_weights_are_reported() {
     huge_header[..8].copy_from_slice(&(bytes.len() as u64 * 2).to_le_bytes());
     let mut bad_json = bytes.clone();
     bad_json[8] = b'[';
-    let cases: [(&str, Vec<u8>); 6] = [
+    let mut trailing_byte = bytes.clone();
+    trailing_byte.push(0);
+    // The header rewritten, the tensors' bytes kept.
+    let edit_header = |edit: &dyn Fn(&mut Map<String, Value>)| {
+        let mut header: Map<String, Value> =
+            serde_json::from_slice(&bytes[8..8 + header_len]).unwrap();
+        edit(&mut header);
+        let header = serde_json::to_vec(&header).unwrap();
+        let mut file = (header.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(&header);
+        file.extend_from_slice(&bytes[8 + header_len..]);
+        file
+    };
+    let first_tensor = |header: &mut Map<String, Value>| -> String {
+        header
+            .iter()
+            .find(|(_, info)| info["data_offsets"][0] == 0)
+            .map(|(name, _)| name.clone())
+            .unwrap()
+    };
+    let gap = edit_header(&|header| {
+        let name = first_tensor(header);
+        let end = header[&name]["data_offsets"][1].as_u64().unwrap();
+        header[&name]["data_offsets"] = serde_json::json!([1, end]);
+    });
+    let shape_too_long = edit_header(&|header| {
+        let name = first_tensor(header);
+        header[&name]["shape"][0] = Value::from(100_000);
+    });
+    let cases: [(&str, Vec<u8>); 9] = [
         ("half", bytes[..bytes.len() / 2].to_vec()),
         ("inside-header", bytes[..8 + header_len / 2].to_vec()),
         ("last-byte", bytes[..bytes.len() - 1].to_vec()),
         ("length-prefix", bytes[..4].to_vec()),
         ("huge-header-length", huge_header),
         ("header-not-json", bad_json),
+        ("trailing-byte", trailing_byte),
+        ("gap-between-tensors", gap),
+        ("shape-longer-than-data", shape_too_long),
     ];
     for (what, data) in cases {
         let dir = tmp.path().join(what);
@@ -541,6 +573,44 @@ fn truncated_or_corrupt_weights_are_reported() {
             Checkpoint::from_dir(&dir),
             &[path.to_str().unwrap(), "is not a valid safetensors file"],
         );
+    }
+}
+
+#[test]
+fn every_float_dtype_is_read_bit_for_bit() {
+    let tmp = TempDir::new("float-dtypes");
+    for dtype in [DType::F16, DType::BF16, DType::F32, DType::F64] {
+        let mut written = HashMap::new();
+        let dir = variant(
+            "scale_batchnorm",
+            &tmp.path().join(format!("{dtype:?}")),
+            |_| {},
+            |t| {
+                for v in t.values_mut() {
+                    if v.dtype() != DType::I64 {
+                        *v = v.to_dtype(dtype).unwrap();
+                    }
+                }
+                written = t.clone();
+            },
+        );
+        let ckpt = Checkpoint::from_dir(&dir).unwrap();
+        assert_eq!(ckpt.tensors.len(), written.len());
+        for (name, want) in &written {
+            let got = &ckpt.tensors[name];
+            assert_eq!(got.dtype(), want.dtype(), "{dtype:?} {name}");
+            assert_eq!(got.dims(), want.dims(), "{dtype:?} {name}");
+            // Every dtype here widens exactly into f64, so equal values are equal bits.
+            let values = |t: &Tensor| -> Vec<f64> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    .to_vec1()
+                    .unwrap()
+            };
+            assert_eq!(values(got), values(want), "{dtype:?} {name}");
+        }
     }
 }
 
