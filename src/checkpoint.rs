@@ -7,10 +7,11 @@
 //!
 //! `model` is `swish_scale`, `scale_batchnorm` or `sigmoid_residual`. `scaling_factor` is
 //! required by the first and last; `eps` (default `1e-5`) and `momentum` (default `0.1`; `null`
-//! for PyTorch's cumulative average) belong to `scale_batchnorm`. A checkpoint is read from a
-//! directory ([`Checkpoint::from_dir`]) or from a Hugging Face Hub cache
-//! ([`Checkpoint::from_hub_cache`]). Everything is validated before use: every key, shape and
-//! dtype, and the config; each error names what is wrong and where.
+//! for PyTorch's cumulative average) belong to `scale_batchnorm`. The weights may instead be
+//! split into shards named by a `model.safetensors.index.json` ([`WEIGHTS_INDEX_FILE`]). A
+//! checkpoint is read from a directory ([`Checkpoint::from_dir`]) or from a Hugging Face Hub
+//! cache ([`Checkpoint::from_hub_cache`]). Everything is validated before use: every key, shape
+//! and dtype, and the config; each error names what is wrong and where.
 
 use crate::nn::Model;
 use candle_core::{bail, DType, Device, Result, Tensor, WithDType};
@@ -19,15 +20,19 @@ use half::{bf16, f16};
 use safetensors::tensor::{Metadata, TensorInfo};
 use safetensors::Dtype;
 use serde_json::{Map, Value};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 /// The file names inside a checkpoint directory.
 pub const CONFIG_FILE: &str = "config.json";
 /// The weights file inside a checkpoint directory.
 pub const WEIGHTS_FILE: &str = "model.safetensors";
+/// The index of a checkpoint whose weights are split into shards, read where
+/// [`WEIGHTS_FILE`] is absent: `{"weight_map": {"<tensor>": "<shard file>", ...}}`, as
+/// `huggingface_hub`'s `save_torch_state_dict` writes above its shard size (5 GB by default).
+pub const WEIGHTS_INDEX_FILE: &str = "model.safetensors.index.json";
 
 /// Which PyTorch module a checkpoint holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -222,13 +227,20 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Reads `DIR/config.json` and `DIR/model.safetensors`.
+    /// Reads `DIR/config.json` and `DIR/model.safetensors`, or the shards that
+    /// `DIR/model.safetensors.index.json` names where the single file is absent.
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
             bail!("checkpoint directory {} does not exist", dir.display());
         }
-        Self::from_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_FILE))
+        let (single, index) = (dir.join(WEIGHTS_FILE), dir.join(WEIGHTS_INDEX_FILE));
+        let weights = if !single.exists() && index.exists() {
+            index
+        } else {
+            single
+        };
+        Self::from_files(&dir.join(CONFIG_FILE), &weights)
     }
 
     /// Reads a checkpoint of the Hugging Face Hub model repo `repo_id` at `revision` (a branch,
@@ -258,15 +270,19 @@ impl Checkpoint {
                 .join(name);
             (is_commit && path.is_file()).then_some(path)
         };
-        let file = |name: &str| -> Result<PathBuf> {
-            repo.get(name).or_else(|| snapshot(name)).ok_or_else(|| {
-                candle_core::Error::Msg(format!(
-                    "{name} of {repo_id} (revision {revision}) is not in the Hugging Face cache at {}; download the repo first",
-                    cache.path().display()
-                ))
-            })
+        let file = |name: &str| repo.get(name).or_else(|| snapshot(name));
+        let missing = |what: &str| {
+            candle_core::Error::Msg(format!(
+                "{what} of {repo_id} (revision {revision}) is not in the Hugging Face cache at {}; download the repo first",
+                cache.path().display()
+            ))
         };
-        Self::from_files(&file(CONFIG_FILE)?, &file(WEIGHTS_FILE)?)
+        let config = file(CONFIG_FILE).ok_or_else(|| missing(CONFIG_FILE))?;
+        // A sharded checkpoint's shards lie beside its index in the snapshot.
+        let weights = file(WEIGHTS_FILE)
+            .or_else(|| file(WEIGHTS_INDEX_FILE))
+            .ok_or_else(|| missing(&format!("{WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE})")))?;
+        Self::from_files(&config, &weights)
     }
 
     /// A directory if `location` is one, else a Hub repo id (`owner/name`, optionally
@@ -287,9 +303,10 @@ impl Checkpoint {
         Self::from_hub_cache(&hf_hub::Cache::from_env(), repo_id, revision)
     }
 
-    /// Reads and validates a config file and a weights file. The weights file's header is
-    /// checked against the config before any tensor is read, and each tensor is read straight
-    /// into its own storage: loading holds the weights in memory once.
+    /// Reads and validates a config file and the weights: a safetensors file, or an index
+    /// (a file named `*.index.json`, see [`WEIGHTS_INDEX_FILE`]) whose shards lie beside it.
+    /// Every header is checked against the config before any tensor is read, and each tensor
+    /// is read straight into its own storage: loading holds the weights in memory once.
     pub fn from_files(config_path: &Path, weights_path: &Path) -> Result<Self> {
         let text = std::fs::read_to_string(config_path).map_err(|e| {
             candle_core::Error::Msg(format!("cannot read {}: {e}", config_path.display()))
@@ -470,76 +487,163 @@ const MAX_HEADER_BYTES: u64 = 100_000_000;
 /// Bytes converted per read: enough to stream at the disk's speed, small beside a weight.
 const READ_CHUNK_BYTES: usize = 1 << 22;
 
-/// Reads the `state_dict` in the safetensors file `path` after checking its header against
-/// `config`. Each tensor is read into its own storage in one pass over the file, so loading
-/// holds the weights once; reading the whole file first and converting it would hold them
-/// twice (8.6 GB for SwishScale's f32 weight at its reference size).
+/// Reads the `state_dict` in the weights at `path` (a safetensors file, or an index of shards)
+/// after checking every header against `config`. Each tensor is read into its own storage in
+/// one pass over its file, so loading holds the weights once; reading a whole file first and
+/// converting it would hold them twice (8.6 GB for SwishScale's f32 weight at its reference
+/// size).
 fn read_weights(path: &Path, config: &ModelConfig) -> Result<HashMap<String, Tensor>> {
-    let cannot_read =
-        |e: std::io::Error| candle_core::Error::Msg(format!("cannot read {}: {e}", path.display()));
-    let invalid = |why: String| {
-        candle_core::Error::Msg(format!(
-            "{} is not a valid safetensors file (truncated or corrupt?): {why}",
-            path.display()
-        ))
+    let is_index = path
+        .file_name()
+        .and_then(|name| name.to_str())
+        .is_some_and(|name| name.ends_with(".index.json"));
+    let files = if is_index {
+        open_shards(path)?
+    } else {
+        vec![WeightsFile::open(path)?]
     };
-    let mut file = File::open(path).map_err(cannot_read)?;
-    let file_len = file.metadata().map_err(cannot_read)?.len();
-
-    // The layout: an 8-byte little-endian header length, the JSON header, then the tensors'
-    // bytes back to back.
-    if file_len < 8 {
-        return Err(invalid(format!(
-            "{file_len} bytes, too few for the header's length"
-        )));
-    }
-    let mut length_prefix = [0u8; 8];
-    file.read_exact(&mut length_prefix).map_err(cannot_read)?;
-    let header_len = u64::from_le_bytes(length_prefix);
-    if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
-        return Err(invalid(format!(
-            "a header of {header_len} bytes in a file of {file_len}"
-        )));
-    }
-    let mut header = vec![0u8; header_len as usize];
-    file.read_exact(&mut header).map_err(cannot_read)?;
-    // Deserialising validates the offsets: the tensors tile the data with neither gap nor
-    // overlap, each as long as its shape and dtype make it.
-    let metadata: Metadata =
-        serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
-    let data_len = file_len - 8 - header_len;
-    if metadata.data_len() as u64 != data_len {
-        return Err(invalid(format!(
-            "the header describes {} bytes of tensor data, the file holds {data_len}",
-            metadata.data_len()
-        )));
-    }
-
-    let entries = metadata
-        .tensors()
-        .into_iter()
+    let entries = files
+        .iter()
+        .flat_map(|f| f.metadata.tensors())
         .map(|(name, info)| (name, StoredTensor::from_header(info)))
         .collect();
     check_tensors(config, &entries)
         .map_err(|e| candle_core::Error::Msg(format!("{}: {e}", path.display())))?;
-
     let mut tensors = HashMap::new();
-    for name in metadata.offset_keys() {
-        let Some(info) = metadata.info(&name) else {
-            bail!(
-                "{}: the header lists {name:?} without its dtype and shape",
-                path.display()
-            )
-        };
-        let tensor = read_tensor(&mut file, info).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "cannot read tensor {name:?} from {}: {e}",
-                path.display()
-            ))
-        })?;
-        tensors.insert(name, tensor);
+    for file in files {
+        tensors.extend(file.read_tensors()?);
     }
     Ok(tensors)
+}
+
+/// A safetensors index: which shard holds each tensor.
+#[derive(serde::Deserialize)]
+struct ShardIndex {
+    weight_map: HashMap<String, String>,
+}
+
+/// Opens the shards that the index at `index_path` names, each beside it, and checks that
+/// each holds exactly the tensors that the index assigns to it (so no tensor is in two).
+fn open_shards(index_path: &Path) -> Result<Vec<WeightsFile>> {
+    let text = std::fs::read_to_string(index_path).map_err(|e| {
+        candle_core::Error::Msg(format!("cannot read {}: {e}", index_path.display()))
+    })?;
+    let index: ShardIndex = serde_json::from_str(&text).map_err(|e| {
+        candle_core::Error::Msg(format!(
+            "{} is not a safetensors index (a JSON object whose \"weight_map\" maps tensor names to shard files): {e}",
+            index_path.display()
+        ))
+    })?;
+    let mut assigned: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for (tensor, shard) in &index.weight_map {
+        assigned.entry(shard).or_default().push(tensor);
+    }
+    let dir = index_path.parent().unwrap_or(Path::new(""));
+    let mut shards = Vec::with_capacity(assigned.len());
+    for (shard, mut names) in assigned {
+        let mut parts = Path::new(shard).components();
+        if !matches!(
+            (parts.next(), parts.next()),
+            (Some(Component::Normal(_)), None)
+        ) {
+            bail!(
+                "{}: shard {shard:?} is not a file name (shards lie beside the index)",
+                index_path.display()
+            );
+        }
+        let file = WeightsFile::open(&dir.join(shard))?;
+        let mut held = file.metadata.offset_keys();
+        held.sort();
+        names.sort();
+        if held != names {
+            bail!(
+                "{}: the index assigns {names:?} to {shard}, which holds {held:?}",
+                index_path.display()
+            );
+        }
+        shards.push(file);
+    }
+    Ok(shards)
+}
+
+/// A safetensors file whose header has been read and validated, positioned at its first
+/// tensor.
+struct WeightsFile {
+    path: PathBuf,
+    file: File,
+    metadata: Metadata,
+}
+
+impl WeightsFile {
+    /// Opens `path` and reads its header, checking it against the file's size.
+    fn open(path: &Path) -> Result<Self> {
+        let cannot_read = |e: std::io::Error| {
+            candle_core::Error::Msg(format!("cannot read {}: {e}", path.display()))
+        };
+        let invalid = |why: String| {
+            candle_core::Error::Msg(format!(
+                "{} is not a valid safetensors file (truncated or corrupt?): {why}",
+                path.display()
+            ))
+        };
+        let mut file = File::open(path).map_err(cannot_read)?;
+        let file_len = file.metadata().map_err(cannot_read)?.len();
+
+        // The layout: an 8-byte little-endian header length, the JSON header, then the
+        // tensors' bytes back to back.
+        if file_len < 8 {
+            return Err(invalid(format!(
+                "{file_len} bytes, too few for the header's length"
+            )));
+        }
+        let mut length_prefix = [0u8; 8];
+        file.read_exact(&mut length_prefix).map_err(cannot_read)?;
+        let header_len = u64::from_le_bytes(length_prefix);
+        if header_len > MAX_HEADER_BYTES || header_len > file_len - 8 {
+            return Err(invalid(format!(
+                "a header of {header_len} bytes in a file of {file_len}"
+            )));
+        }
+        let mut header = vec![0u8; header_len as usize];
+        file.read_exact(&mut header).map_err(cannot_read)?;
+        // Deserialising validates the offsets: the tensors tile the data with neither gap nor
+        // overlap, each as long as its shape and dtype make it.
+        let metadata: Metadata =
+            serde_json::from_slice(&header).map_err(|e| invalid(format!("header: {e}")))?;
+        let data_len = file_len - 8 - header_len;
+        if metadata.data_len() as u64 != data_len {
+            return Err(invalid(format!(
+                "the header describes {} bytes of tensor data, the file holds {data_len}",
+                metadata.data_len()
+            )));
+        }
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            metadata,
+        })
+    }
+
+    /// Reads every tensor, in the order they lie in the file.
+    fn read_tensors(mut self) -> Result<HashMap<String, Tensor>> {
+        let mut tensors = HashMap::new();
+        for name in self.metadata.offset_keys() {
+            let Some(info) = self.metadata.info(&name) else {
+                bail!(
+                    "{}: the header lists {name:?} without its dtype and shape",
+                    self.path.display()
+                )
+            };
+            let tensor = read_tensor(&mut self.file, info).map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "cannot read tensor {name:?} from {}: {e}",
+                    self.path.display()
+                ))
+            })?;
+            tensors.insert(name, tensor);
+        }
+        Ok(tensors)
+    }
 }
 
 /// Reads the tensor that `info` describes from `reader`, positioned at its first byte.

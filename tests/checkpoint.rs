@@ -4,7 +4,7 @@
 
 mod common;
 use candle_core::{DType, Device, ModuleT, Tensor};
-use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
@@ -336,6 +336,183 @@ fn open_finds_repo_ids_in_the_cache_under_hf_home() {
     let hub = hub.to_str().unwrap();
     assert_err(results.2, &["org/name", "revision v9", hub]);
     assert_err(results.3, &["org/absent", "revision main", hub]);
+}
+
+/// The shard files of [`write_sharded`].
+const SHARDS: [&str; 2] = [
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+];
+
+/// Writes shipped model `name` into `dir` as a sharded checkpoint, in the layout of
+/// `huggingface_hub`'s `save_torch_state_dict`: the tensors (after `edit_tensors`), sorted by
+/// name, split between two shards, and an index whose `weight_map` `edit_map` may change.
+fn write_sharded(
+    name: &str,
+    dir: &Path,
+    edit_tensors: impl FnOnce(&mut HashMap<String, Tensor>),
+    edit_map: impl FnOnce(&mut Map<String, Value>),
+) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::copy(shipped(name).join(CONFIG_FILE), dir.join(CONFIG_FILE)).unwrap();
+    let mut tensors = weights(name);
+    edit_tensors(&mut tensors);
+    let mut names: Vec<String> = tensors.keys().cloned().collect();
+    names.sort();
+    let mut weight_map = Map::new();
+    let mut total_size = 0;
+    for (shard, part) in SHARDS.iter().zip(names.chunks(names.len().div_ceil(2))) {
+        let held: HashMap<String, Tensor> = part
+            .iter()
+            .map(|name| (name.clone(), tensors[name].clone()))
+            .collect();
+        for (name, t) in &held {
+            weight_map.insert(name.clone(), Value::from(*shard));
+            total_size += t.elem_count() * t.dtype().size_in_bytes();
+        }
+        candle_core::safetensors::save(&held, dir.join(shard)).unwrap();
+    }
+    edit_map(&mut weight_map);
+    let index = serde_json::json!({
+        "metadata": {"total_size": total_size},
+        "weight_map": weight_map,
+    });
+    std::fs::write(dir.join(WEIGHTS_INDEX_FILE), index.to_string()).unwrap();
+}
+
+/// Every tensor of a checkpoint as f64 values, by name.
+fn tensor_values(ckpt: &Checkpoint) -> HashMap<String, (DType, Vec<f64>)> {
+    ckpt.tensors
+        .iter()
+        .map(|(name, t)| {
+            let values = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+            (name.clone(), (t.dtype(), values.to_vec1().unwrap()))
+        })
+        .collect()
+}
+
+#[test]
+fn sharded_checkpoints_load_like_single_files() {
+    let tmp = TempDir::new("sharded");
+    for name in MODELS {
+        let dir = tmp.path().join(name);
+        write_sharded(name, &dir, |_| {}, |_| {});
+        assert!(!dir.join(WEIGHTS_FILE).exists());
+        let single = Checkpoint::from_dir(shipped(name)).unwrap();
+        for ckpt in [
+            Checkpoint::from_dir(&dir).unwrap(),
+            Checkpoint::open(dir.to_str().unwrap()).unwrap(),
+            Checkpoint::from_files(&dir.join(CONFIG_FILE), &dir.join(WEIGHTS_INDEX_FILE)).unwrap(),
+        ] {
+            assert_eq!(ckpt.config, single.config, "{name}");
+            assert_eq!(tensor_values(&ckpt), tensor_values(&single), "{name}");
+        }
+    }
+
+    // From a Hub cache: the shards beside the index in the snapshot.
+    let cache = tmp.path().join("hub");
+    let repo = cache.join("models--org--sharded");
+    write_sharded(
+        "scale_batchnorm",
+        &repo.join("snapshots").join(COMMIT),
+        |_| {},
+        |_| {},
+    );
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
+    let ckpt = Checkpoint::from_hub_cache(&hf_hub::Cache::new(cache.clone()), "org/sharded", None)
+        .unwrap();
+    let single = Checkpoint::from_dir(shipped("scale_batchnorm")).unwrap();
+    assert_eq!(tensor_values(&ckpt), tensor_values(&single));
+}
+
+#[test]
+fn sharded_checkpoint_errors_are_named() {
+    let tmp = TempDir::new("sharded-errors");
+    let name = "scale_batchnorm";
+    let case = |what: &str| tmp.path().join(what);
+
+    let dir = case("missing-shard");
+    write_sharded(name, &dir, |_| {}, |_| {});
+    std::fs::remove_file(dir.join(SHARDS[1])).unwrap();
+    let shard = dir.join(SHARDS[1]);
+    assert_err(
+        Checkpoint::from_dir(&dir),
+        &["cannot read", shard.to_str().unwrap()],
+    );
+
+    let dir = case("truncated-shard");
+    write_sharded(name, &dir, |_| {}, |_| {});
+    let shard = dir.join(SHARDS[0]);
+    let bytes = std::fs::read(&shard).unwrap();
+    std::fs::write(&shard, &bytes[..bytes.len() - 1]).unwrap();
+    assert_err(
+        Checkpoint::from_dir(&dir),
+        &[shard.to_str().unwrap(), "is not a valid safetensors file"],
+    );
+
+    // The index and the shards disagree: a tensor assigned to the other shard, or left out.
+    let moved = |map: &mut Map<String, Value>| {
+        map.insert("bn.bias".into(), Value::from(SHARDS[1]));
+    };
+    let dropped = |map: &mut Map<String, Value>| {
+        map.remove("bn.bias");
+    };
+    for (what, edit) in [
+        ("moved", &moved as &dyn Fn(&mut Map<String, Value>)),
+        ("dropped", &dropped),
+    ] {
+        let dir = case(what);
+        write_sharded(name, &dir, |_| {}, |map| edit(map));
+        assert_err(
+            Checkpoint::from_dir(&dir),
+            &[WEIGHTS_INDEX_FILE, "the index assigns", "bn.bias"],
+        );
+    }
+
+    // A shard named outside the checkpoint's directory is refused, not opened.
+    let dir = case("outside");
+    write_sharded(
+        name,
+        &dir,
+        |_| {},
+        |map| {
+            for shard in map.values_mut() {
+                *shard = Value::from(format!("../outside/{}", shard.as_str().unwrap()));
+            }
+        },
+    );
+    assert_err(
+        Checkpoint::from_dir(&dir),
+        &[WEIGHTS_INDEX_FILE, "is not a file name"],
+    );
+
+    let dir = case("not-an-index");
+    write_sharded(name, &dir, |_| {}, |_| {});
+    std::fs::write(dir.join(WEIGHTS_INDEX_FILE), r#"{"metadata": {}}"#).unwrap();
+    assert_err(
+        Checkpoint::from_dir(&dir),
+        &[
+            WEIGHTS_INDEX_FILE,
+            "is not a safetensors index",
+            "weight_map",
+        ],
+    );
+
+    // Consistent shards that together miss a tensor of the state_dict.
+    let dir = case("missing-tensor");
+    write_sharded(
+        name,
+        &dir,
+        |t| {
+            t.remove("bn.running_var");
+        },
+        |_| {},
+    );
+    assert_err(
+        Checkpoint::from_dir(&dir),
+        &[WEIGHTS_INDEX_FILE, "missing tensor \"bn.running_var\""],
+    );
 }
 
 #[test]
