@@ -199,8 +199,7 @@ fn open_rejects_what_is_neither_a_directory_nor_a_repo_id() {
 }
 
 /// Lays out Hub cache entries under `cache`: repo `repo_id` with a snapshot `commit` holding a
-/// copy of shipped model `name`, and `refs/<reference>` naming the commit (if given). The files
-/// are symlinks into `blobs/` as in the Hub's own cache, where the platform has symlinks.
+/// copy of shipped model `name`, and `refs/<reference>` naming the commit (if given).
 fn add_to_hub_cache(
     cache: &Path,
     repo_id: &str,
@@ -208,13 +207,29 @@ fn add_to_hub_cache(
     name: &str,
     reference: Option<&str>,
 ) {
+    let files = [CONFIG_FILE, WEIGHTS_FILE];
+    add_files_to_hub_cache(cache, repo_id, commit, &shipped(name), &files, reference);
+}
+
+/// Lays out Hub cache entries under `cache`: repo `repo_id` with a snapshot `commit` holding
+/// copies of `files` from `source`, and `refs/<reference>` naming the commit (if given). The
+/// files are symlinks into `blobs/` as in the Hub's own cache, where the platform has
+/// symlinks.
+fn add_files_to_hub_cache(
+    cache: &Path,
+    repo_id: &str,
+    commit: &str,
+    source: &Path,
+    files: &[&str],
+    reference: Option<&str>,
+) {
     let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
     let snapshot = repo.join("snapshots").join(commit);
     std::fs::create_dir_all(&snapshot).unwrap();
     std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    for file in [CONFIG_FILE, WEIGHTS_FILE] {
+    for file in files {
         let blob = format!("{commit}-{file}");
-        std::fs::copy(shipped(name).join(file), repo.join("blobs").join(&blob)).unwrap();
+        std::fs::copy(source.join(file), repo.join("blobs").join(&blob)).unwrap();
         #[cfg(unix)]
         std::os::unix::fs::symlink(Path::new("../../blobs").join(&blob), snapshot.join(file))
             .unwrap();
@@ -409,19 +424,17 @@ fn sharded_checkpoints_load_like_single_files() {
         }
     }
 
-    // From a Hub cache: the shards beside the index in the snapshot.
+    // From a Hub cache: the shards beside the index in the snapshot, symlinks into its blobs.
     let cache = tmp.path().join("hub");
-    let repo = cache.join("models--org--sharded");
-    write_sharded(
-        "scale_batchnorm",
-        &repo.join("snapshots").join(COMMIT),
-        |_| {},
-        |_| {},
+    add_files_to_hub_cache(
+        &cache,
+        "org/sharded",
+        COMMIT,
+        &tmp.path().join("scale_batchnorm"),
+        &[CONFIG_FILE, WEIGHTS_INDEX_FILE, SHARDS[0], SHARDS[1]],
+        Some("main"),
     );
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), COMMIT).unwrap();
-    let ckpt = Checkpoint::from_hub_cache(&hf_hub::Cache::new(cache.clone()), "org/sharded", None)
-        .unwrap();
+    let ckpt = Checkpoint::from_hub_cache(&hf_hub::Cache::new(cache), "org/sharded", None).unwrap();
     let single = Checkpoint::from_dir(shipped("scale_batchnorm")).unwrap();
     assert_eq!(tensor_values(&ckpt), tensor_values(&single));
 }
