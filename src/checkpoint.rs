@@ -408,26 +408,28 @@ enum StoredKind {
     Other,
 }
 
-impl StoredTensor {
-    fn of(t: &Tensor) -> Self {
-        let kind = match t.dtype() {
+impl StoredKind {
+    fn of(dtype: DType) -> Self {
+        match dtype {
             DType::F16 | DType::BF16 | DType::F32 | DType::F64 => StoredKind::Float,
             DType::I64 => StoredKind::Int64,
             _ => StoredKind::Other,
-        };
+        }
+    }
+}
+
+impl StoredTensor {
+    fn of(t: &Tensor) -> Self {
         Self {
             shape: t.dims().to_vec(),
             dtype: format!("{:?}", t.dtype()),
-            kind,
+            kind: StoredKind::of(t.dtype()),
         }
     }
 
     fn from_header(info: &TensorInfo) -> Self {
-        let kind = match info.dtype {
-            Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64 => StoredKind::Float,
-            Dtype::I64 => StoredKind::Int64,
-            _ => StoredKind::Other,
-        };
+        // A stored dtype that Candle has no type for holds nothing of a state_dict.
+        let kind = DType::try_from(info.dtype).map_or(StoredKind::Other, StoredKind::of);
         Self {
             shape: info.shape.clone(),
             dtype: format!("{:?}", info.dtype),

@@ -45,11 +45,10 @@ pub fn fused_linear(
     precision: Precision,
 ) -> Result<Tensor> {
     let call = LinearCall::new(x, weight, bias, scale, epilogue, precision, Graph::Autograd)?;
-    let y = call.x.apply_op3_arc(&call.weight, &call.params, call.op)?;
-    match call.output_shape {
-        Some(shape) => y.reshape(shape),
-        None => Ok(y),
-    }
+    let y = call
+        .x
+        .apply_op3_arc(&call.weight, &call.params, call.op.clone())?;
+    call.caller_output(&y)
 }
 
 /// [`fused_linear`] outside Candle's autograd graph, with a [`Trace`] of the call whose
@@ -68,10 +67,7 @@ pub fn fused_linear_traced(
         .x
         .apply_op3_arc(&call.weight, &call.params, call.op.clone())?;
     let targets = linear_targets(x, weight, bias, scale, &call.rows);
-    let output = match &call.output_shape {
-        Some(shape) => y.reshape(shape)?,
-        None => y.clone(),
-    };
+    let output = call.caller_output(&y)?;
     let operands = [call.x, call.weight, call.params];
     let trace = Trace::new(call.op, operands, &y, output.dims(), targets);
     Ok((output, trace))
@@ -147,6 +143,15 @@ impl LinearCall {
             params,
             output_shape,
         })
+    }
+
+    /// The op's `(batch, out)` output `y` in the shape that the caller's input implies:
+    /// `(..., out)`, or `y` itself for a matrix input (no reshape in Candle's graph).
+    fn caller_output(&self, y: &Tensor) -> Result<Tensor> {
+        match &self.output_shape {
+            Some(shape) => y.reshape(shape),
+            None => Ok(y.clone()),
+        }
     }
 }
 
