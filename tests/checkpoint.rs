@@ -395,14 +395,11 @@ fn write_sharded(
     std::fs::write(dir.join(WEIGHTS_INDEX_FILE), index.to_string()).unwrap();
 }
 
-/// Every tensor of a checkpoint as f64 values, by name.
+/// Every tensor of a checkpoint as its dtype and f64 values, by name.
 fn tensor_values(ckpt: &Checkpoint) -> HashMap<String, (DType, Vec<f64>)> {
     ckpt.tensors
         .iter()
-        .map(|(name, t)| {
-            let values = t.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
-            (name.clone(), (t.dtype(), values.to_vec1().unwrap()))
-        })
+        .map(|(name, t)| (name.clone(), (t.dtype(), to_f64(t))))
         .collect()
 }
 
@@ -791,15 +788,7 @@ fn every_float_dtype_is_read_bit_for_bit() {
             assert_eq!(got.dtype(), want.dtype(), "{dtype:?} {name}");
             assert_eq!(got.dims(), want.dims(), "{dtype:?} {name}");
             // Every dtype here widens exactly into f64, so equal values are equal bits.
-            let values = |t: &Tensor| -> Vec<f64> {
-                t.flatten_all()
-                    .unwrap()
-                    .to_dtype(DType::F64)
-                    .unwrap()
-                    .to_vec1()
-                    .unwrap()
-            };
-            assert_eq!(values(got), values(want), "{dtype:?} {name}");
+            assert_eq!(to_f64(got), to_f64(want), "{dtype:?} {name}");
         }
     }
 }
