@@ -64,6 +64,10 @@ fn parse_args() -> Result<Args> {
                     .map_err(|e| candle_core::Error::Msg(format!("--iters: {e}")))?
             }
             "--json" => json = Some(value()?),
+            "-h" | "--help" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             other => candle_core::bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
