@@ -763,6 +763,49 @@ fn truncated_or_corrupt_weights_are_reported() {
     }
 }
 
+/// Every single-byte change to the length prefix or the header of a shipped checkpoint, to
+/// any of a dozen values that JSON gives meaning to (digits, quotes, brackets, separators) or
+/// that are not UTF-8: loading never panics, and either fails naming the file or a tensor or
+/// yields the very tensors of the unchanged file.
+#[test]
+fn single_byte_changes_to_a_header_never_panic() {
+    let tmp = TempDir::new("header-bytes");
+    let dir = tmp.path().join("scale_batchnorm");
+    copy_shipped("scale_batchnorm", &dir);
+    let path = dir.join(WEIGHTS_FILE);
+    let bytes = std::fs::read(&path).unwrap();
+    let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let original = tensor_values(&Checkpoint::from_dir(&dir).unwrap());
+    let mut errors = 0;
+    for at in 0..header_end {
+        for value in *b"09-e,\"[]{} \x00\xff\x80" {
+            if bytes[at] == value {
+                continue;
+            }
+            let mut changed = bytes.clone();
+            changed[at] = value;
+            std::fs::write(&path, &changed).unwrap();
+            let loaded = std::panic::catch_unwind(|| Checkpoint::from_dir(&dir))
+                .unwrap_or_else(|_| panic!("byte {at} set to {value:#04x}: loading panicked"));
+            match loaded {
+                Ok(ckpt) => assert!(
+                    tensor_values(&ckpt) == original,
+                    "byte {at} set to {value:#04x}: loaded, with other tensors"
+                ),
+                Err(e) => {
+                    let msg = e.to_string();
+                    assert!(
+                        msg.contains(path.to_str().unwrap()) || msg.contains("tensor"),
+                        "byte {at} set to {value:#04x}: {msg:?} names neither the file nor a tensor"
+                    );
+                    errors += 1;
+                }
+            }
+        }
+    }
+    assert!(errors > 0, "no change was refused");
+}
+
 #[test]
 fn every_float_dtype_is_read_bit_for_bit() {
     let tmp = TempDir::new("float-dtypes");
