@@ -5,8 +5,8 @@ mod common;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{
-    fused_linear, fused_linear_batch_norm, Activation, BatchNormParams, Checkpoint, Epilogue,
-    OutputScale, Precision,
+    fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
+    Activation, BatchNormParams, Checkpoint, Epilogue, OutputScale, Precision, Trace,
 };
 use common::{golden, shipped, to_f64};
 
@@ -271,6 +271,128 @@ fn batch_norm_gradients_match_finite_differences() {
                 );
             }
         }
+    }
+}
+
+/// Checks a call whose operands repeat tensors (`f` builds it from `inputs`) against central
+/// differences through Candle's autograd, then checks that its trace (`traced` builds that)
+/// gives each input the same gradient: the sum over the places it was passed.
+fn check_tied(
+    name: &str,
+    inputs: &[Tensor],
+    f: &dyn Fn(&[Tensor]) -> Result<Tensor>,
+    traced: &dyn Fn(&[Tensor]) -> Result<Trace>,
+) {
+    gradcheck(name, inputs, f);
+    let vars: Vec<Var> = inputs
+        .iter()
+        .map(|t| Var::from_tensor(t).unwrap())
+        .collect();
+    let tensors: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
+    let y = f(&tensors).unwrap();
+    let g = seeded(y.dims(), 98, -1.0, 1.0);
+    let autograd = (y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+    let trace = traced(inputs).unwrap();
+    let from_trace = trace.backward(&g).unwrap();
+    for (i, (input, tensor)) in inputs.iter().zip(&tensors).enumerate() {
+        let want = autograd.get(tensor).unwrap();
+        let got = from_trace.get(input).unwrap();
+        let err = relative_error(got, want);
+        assert!(
+            err < 1e-12,
+            "{name}: input {i}: traced gradient off by {err}"
+        );
+    }
+}
+
+/// A tensor given to a call in two places gets the sum of its gradients, through autograd and
+/// through a trace alike: `x` as the weight too, the bias as the per-feature scale too, and
+/// BatchNorm's weight as the scale.
+#[test]
+fn tied_operands_get_the_sum_of_their_gradients() {
+    let epilogue = Epilogue {
+        activation: Activation::Silu,
+        scale: OutputScale::PerFeature,
+        residual: true,
+    };
+    let square = seeded(&[5, 5], 1, -1.0, 1.0);
+    let vector = seeded(&[5], 2, 0.5, 1.5);
+    check_tied(
+        "x as the weight, the bias as the scale",
+        &[square.clone(), vector.clone()],
+        &|t| {
+            fused_linear(
+                &t[0],
+                &t[0],
+                Some(&t[1]),
+                Some(&t[1]),
+                epilogue,
+                Precision::Exact,
+            )
+        },
+        &|t| {
+            fused_linear_traced(
+                &t[0],
+                &t[0],
+                Some(&t[1]),
+                Some(&t[1]),
+                epilogue,
+                Precision::Exact,
+            )
+            .map(|(_, trace)| trace)
+        },
+    );
+
+    let running = [seeded(&[5], 3, -0.3, 0.3), seeded(&[5], 4, 0.5, 2.0)];
+    let (weight, beta) = (seeded(&[5, 5], 5, -1.0, 1.0), seeded(&[5], 6, -0.5, 0.5));
+    fn bn<'a>(
+        gamma: &'a Tensor,
+        beta: &'a Tensor,
+        running: &'a [Tensor; 2],
+    ) -> BatchNormParams<'a> {
+        BatchNormParams {
+            weight: gamma,
+            bias: beta,
+            running_mean: &running[0],
+            running_var: &running[1],
+            eps: 1e-3,
+            update: None,
+        }
+    }
+    let scale = Epilogue::per_feature_scale();
+    for train in [false, true] {
+        check_tied(
+            &format!("BatchNorm's weight as the scale, train={train}"),
+            &[square.clone(), vector.clone()],
+            &|t| {
+                let bn = bn(&t[1], &beta, &running);
+                fused_linear_batch_norm(
+                    &t[0],
+                    &weight,
+                    None,
+                    Some(&t[1]),
+                    scale,
+                    &bn,
+                    train,
+                    Precision::Exact,
+                )
+                .map(|(y, _)| y)
+            },
+            &|t| {
+                let bn = bn(&t[1], &beta, &running);
+                fused_linear_batch_norm_traced(
+                    &t[0],
+                    &weight,
+                    None,
+                    Some(&t[1]),
+                    scale,
+                    &bn,
+                    train,
+                    Precision::Exact,
+                )
+                .map(|(_, _, trace)| trace)
+            },
+        );
     }
 }
 

@@ -95,7 +95,7 @@ pub(super) fn linear_targets(
 ///
 /// A trace holds the call's operands, the pre-activation `z` (one `batch × out` tensor) and, for
 /// BatchNorm, the `(2, out)` statistics until it is dropped. Calling `backward` twice gives the
-/// same gradients twice; gradients are never accumulated.
+/// same gradients twice; gradients are never accumulated from one call to the next.
 pub struct Trace {
     op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
     /// `x`, the weight and the op's third input (the parameter table, or its first vector when
@@ -140,7 +140,8 @@ impl Trace {
     /// The gradients of the call's input and parameters given `dy`, the gradient of the loss at
     /// the call's output (same shape, dtype and device). The store maps each tensor passed to
     /// the call (the input, the weight, the bias, the scale, BatchNorm's weight and bias) to its
-    /// gradient; BatchNorm's running statistics get none.
+    /// gradient, the sum of them for a tensor passed in more than one place; BatchNorm's
+    /// running statistics get none.
     pub fn backward(&self, dy: &Tensor) -> Result<GradStore> {
         let name = self.op.name();
         if dy.dims() != self.output_dims {
@@ -172,6 +173,12 @@ impl Trace {
                 Target::Input => dx.reshape(tensor.shape())?,
                 Target::Weight => dw.clone(),
                 Target::Row(row) => dp.get(*row)?,
+            };
+            // A tensor passed in two places (a tied weight) gets the sum of its gradients, as
+            // under autograd.
+            let grad = match grads.remove(tensor) {
+                Some(other) => (other + grad)?,
+                None => grad,
             };
             grads.insert(tensor, grad);
         }
