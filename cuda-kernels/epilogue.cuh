@@ -39,10 +39,11 @@ struct Identity {
   __device__ __forceinline__ float grad(float) const { return 1.f; }
 };
 
-// torch.relu; the derivative is 0 at z = 0, as autograd takes it.
+// torch.relu: a NaN stays NaN (fmaxf would return 0), and the derivative is 0 where z <= 0, as
+// PyTorch's threshold_backward takes it, so a NaN passes the gradient.
 struct Relu {
-  __device__ __forceinline__ float apply(float z) const { return fmaxf(z, 0.f); }
-  __device__ __forceinline__ float grad(float z) const { return z > 0.f ? 1.f : 0.f; }
+  __device__ __forceinline__ float apply(float z) const { return z < 0.f ? 0.f : z; }
+  __device__ __forceinline__ float grad(float z) const { return z <= 0.f ? 0.f : 1.f; }
 };
 
 // The exact (erf) GELU.

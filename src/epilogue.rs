@@ -25,7 +25,7 @@ use num_traits::Float;
 pub enum Activation {
     /// `act(z) = z`.
     Identity,
-    /// `max(z, 0)`, as `torch.relu` (derivative 0 at 0).
+    /// `max(z, 0)`, as `torch.relu`: a NaN stays NaN, and the derivative is 0 at 0.
     Relu,
     /// The exact (erf) GELU of `torch.nn.functional.gelu` with `approximate="none"`.
     Gelu,
@@ -57,7 +57,14 @@ impl Activation {
     pub fn apply<F: Float>(self, z: F) -> F {
         match self {
             Activation::Identity => z,
-            Activation::Relu => z.max(F::zero()),
+            // Not `z.max(0)`, which returns 0 for a NaN: torch.relu keeps it.
+            Activation::Relu => {
+                if z < F::zero() {
+                    F::zero()
+                } else {
+                    z
+                }
+            }
             Activation::Gelu => {
                 z * half::<F>() * (F::one() + erf(z * F::from(FRAC_1_SQRT_2).unwrap()))
             }
@@ -71,11 +78,12 @@ impl Activation {
     pub fn derivative<F: Float>(self, z: F) -> F {
         match self {
             Activation::Identity => F::one(),
+            // As PyTorch's threshold_backward: 0 where z <= 0, so a NaN passes the gradient.
             Activation::Relu => {
-                if z > F::zero() {
-                    F::one()
-                } else {
+                if z <= F::zero() {
                     F::zero()
+                } else {
+                    F::one()
                 }
             }
             Activation::Gelu => {

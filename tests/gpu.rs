@@ -1060,6 +1060,63 @@ fn non_contiguous_inputs_are_made_contiguous() {
     assert_eq!(max_rel_error(&y, &reference), 0.0);
 }
 
+/// A NaN in the input makes its row of the output NaN for every activation and mode, on the
+/// portable GEMM and on the Hopper one, and none other; its row of the input's gradient is
+/// finite exactly for the identity and relu, as on the CPU (tests/parity.rs) and in PyTorch.
+#[test]
+fn a_nan_input_propagates_as_on_the_cpu() {
+    let Some(device) = gpu() else { return };
+    for (m, k, n) in [(7, 129, 61), (64, 256, 128)] {
+        for (dtype, precision, _) in MODES {
+            let mut values: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 50.0)
+                .collect();
+            values[0] = f32::NAN;
+            let x = Tensor::from_vec(values, (m, k), &device)
+                .and_then(|x| x.to_dtype(dtype))
+                .unwrap();
+            let w = Tensor::rand(-0.1f32, 0.1, (n, k), &device)
+                .and_then(|w| w.to_dtype(dtype))
+                .unwrap();
+            let g = Tensor::rand(-1f32, 1.0, (m, n), &device)
+                .and_then(|g| g.to_dtype(dtype))
+                .unwrap();
+            for activation in Activation::ALL {
+                let epilogue = Epilogue::activation(activation);
+                let (y, trace) =
+                    fused_linear_traced(&x, &w, None, None, epilogue, precision).unwrap();
+                let dx = trace.backward(&g).unwrap().get(&x).unwrap().clone();
+                let rows = |t: &Tensor| {
+                    t.to_dtype(DType::F64)
+                        .and_then(|t| t.to_vec2::<f64>())
+                        .unwrap()
+                };
+                let (y, dx) = (rows(&y), rows(&dx));
+                let at = format!("{m}x{k}->{n} {dtype:?} {precision:?} {activation:?}");
+                assert!(
+                    y[0].iter().all(|v| v.is_nan()),
+                    "{at}: the NaN row's output {:?}",
+                    &y[0][..4]
+                );
+                assert!(
+                    y[1..].iter().flatten().all(|v| v.is_finite()),
+                    "{at}: other rows"
+                );
+                let passes = matches!(activation, Activation::Identity | Activation::Relu);
+                assert!(
+                    dx[0].iter().all(|v| v.is_finite() == passes),
+                    "{at}: the NaN row's input gradient {:?}",
+                    &dx[0][..4]
+                );
+                assert!(
+                    dx[1..].iter().flatten().all(|v| v.is_finite()),
+                    "{at}: other rows' gradient"
+                );
+            }
+        }
+    }
+}
+
 /// An input with leading dimensions, `(2, 3, in)` and not contiguous: the output `(2, 3, out)`
 /// and every traced gradient are those of the same six rows given as a matrix, in every mode.
 #[test]

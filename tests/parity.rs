@@ -396,6 +396,53 @@ fn tied_operands_get_the_sum_of_their_gradients() {
     }
 }
 
+/// A NaN in the input makes its row of the output NaN for every activation, and none other, as
+/// in PyTorch (`torch.relu` keeps a NaN; a max with 0 would hide it). Its row of the input's
+/// gradient is NaN where the activation's derivative is NaN, and finite for the identity and
+/// relu, whose derivative PyTorch takes as 1 there (`threshold_backward` zeroes only `z <= 0`).
+#[test]
+fn a_nan_input_propagates_as_in_pytorch() {
+    let (m, k, n) = (3, 4, 5);
+    let mut values = to_f64(&seeded(&[m, k], 7, -1.0, 1.0));
+    values[0] = f64::NAN;
+    let x = Var::from_vec(values, (m, k), &Device::Cpu).unwrap();
+    let w = seeded(&[n, k], 8, -1.0, 1.0);
+    let g = seeded(&[m, n], 9, -1.0, 1.0);
+    for activation in Activation::ALL {
+        let y = fused_linear(
+            x.as_tensor(),
+            &w,
+            None,
+            None,
+            Epilogue::activation(activation),
+            Precision::Exact,
+        )
+        .unwrap();
+        let dx = (&y * &g).unwrap().sum_all().unwrap().backward().unwrap();
+        let dx = dx.get(x.as_tensor()).unwrap().to_vec2::<f64>().unwrap();
+        let y = y.to_vec2::<f64>().unwrap();
+        assert!(
+            y[0].iter().all(|v| v.is_nan()),
+            "{activation:?}: {:?}",
+            y[0]
+        );
+        assert!(
+            y[1..].iter().flatten().all(|v| v.is_finite()),
+            "{activation:?}"
+        );
+        let passes = matches!(activation, Activation::Identity | Activation::Relu);
+        assert!(
+            dx[0].iter().all(|v| v.is_finite() == passes),
+            "{activation:?}: the NaN row's input gradient {:?}",
+            dx[0]
+        );
+        assert!(
+            dx[1..].iter().flatten().all(|v| v.is_finite()),
+            "{activation:?}"
+        );
+    }
+}
+
 /// The shipped goldens come with non-trivial BatchNorm state, so eval mode really reads it.
 #[test]
 fn batch_norm_eval_and_train_differ_on_the_golden() {
