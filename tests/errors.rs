@@ -1127,8 +1127,50 @@ fn running_statistics_update_rejects_bad_arguments() {
         stats.update_running(&mean, &short, 0.1, 8),
         &["running_var has shape [2]", "[3]"],
     );
+    // Each rejected after the other buffer's checks passed: neither buffer is written.
+    let int_stats = BatchStats {
+        mean: stats.mean.clone(),
+        var: Tensor::new(&[4i64, 5, 6], dev).unwrap(),
+    };
+    let var_as_mean = BatchStats {
+        mean: var.as_tensor().clone(),
+        var: stats.var.clone(),
+    };
+    let before = (to_f64(&mean), to_f64(&var));
+    assert_err(
+        int_stats.update_running(&mean, &var, 0.1, 8),
+        &["batch statistic for running_var", "I64"],
+    );
+    assert_err(
+        stats.update_running(&mean, &mean, 0.1, 8),
+        &["running_var shares its storage with running_mean"],
+    );
+    assert_err(
+        var_as_mean.update_running(&mean, &var, 0.1, 8),
+        &["running_var shares its storage with the batch mean"],
+    );
+    assert_eq!((to_f64(&mean), to_f64(&var)), before);
+    // Statistics in another float dtype or layout give what contiguous f32 ones give.
+    let table = Tensor::new(&[[1f64, 4.0], [2.0, 5.0], [3.0, 6.0]], dev).unwrap();
+    let strided_stats = BatchStats {
+        mean: table
+            .narrow(1, 0, 1)
+            .unwrap()
+            .squeeze(1)
+            .unwrap()
+            .to_dtype(DType::F16)
+            .unwrap(),
+        var: table.narrow(1, 1, 1).unwrap().squeeze(1).unwrap(),
+    };
+    let (mean2, var2) = (
+        Var::from_tensor(&mean.copy().unwrap()).unwrap(),
+        Var::from_tensor(&var.copy().unwrap()).unwrap(),
+    );
+    strided_stats.update_running(&mean2, &var2, 0.1, 4).unwrap();
     // And a valid update is PyTorch's: momentum blend, unbiased variance for the running one.
     stats.update_running(&mean, &var, 0.1, 4).unwrap();
+    assert_eq!(to_f64(&mean2), to_f64(&mean));
+    assert_eq!(to_f64(&var2), to_f64(&var));
     assert_eq!(to_f64(&mean), [0.1, 0.2, 0.3].map(|v: f64| v as f32 as f64));
     let expected: Vec<f64> = [4.0, 5.0, 6.0]
         .iter()

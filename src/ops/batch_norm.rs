@@ -66,7 +66,9 @@ impl BatchStats {
     /// `running_var ← (1 − factor)·running_var + factor·var·batch/(batch − 1)` (the unbiased
     /// variance). `factor` is BatchNorm's momentum, or `1/(batches seen + 1)` for its cumulative
     /// average. On the GPU each buffer is one kernel launch in f32; on the CPU the arithmetic is
-    /// f64. Either way the result is rounded once to the buffer's dtype.
+    /// f64. Either way the result is rounded once to the buffer's dtype. The statistics may
+    /// have any float dtype and layout; the buffers must share storage with neither each other
+    /// nor the statistics. Every check runs before either buffer is written.
     pub fn update_running(
         &self,
         running_mean: &Var,
@@ -97,15 +99,49 @@ impl BatchStats {
             if !running.device().same_device(statistic.device()) {
                 candle_core::bail!("{OP}: {name} is on another device than the batch statistics");
             }
-            if !running.dtype().is_float() {
+            // f64 runs on the CPU only.
+            let float = match running.dtype() {
+                DType::F64 => running.device().is_cpu(),
+                dtype => dtype.is_float(),
+            };
+            if !float {
                 candle_core::bail!(
-                    "{OP}: {name} must be a float buffer, got {:?}",
+                    "{OP}: {name} must be a float buffer (f64 on the CPU only), got {:?}",
                     running.dtype()
                 );
             }
+            if !statistic.dtype().is_float() {
+                candle_core::bail!(
+                    "{OP}: the batch statistic for {name} must be a float tensor, got {:?}",
+                    statistic.dtype()
+                );
+            }
         }
-        for (_, running, statistic, weight) in updates {
-            running.inplace_op2(statistic, &RunningBlend { factor, weight })?;
+        // Each buffer is written while the blend reads a statistic, and running_var after
+        // running_mean: none may share storage with another.
+        let statistics = [
+            (&self.mean, "the batch mean"),
+            (&self.var, "the batch variance"),
+        ];
+        for (name, running, _, _) in updates {
+            if let Some((_, other)) = statistics.iter().find(|(s, _)| same_storage(running, s)) {
+                candle_core::bail!("{OP}: {name} shares its storage with {other}");
+            }
+        }
+        if same_storage(running_mean, running_var) {
+            candle_core::bail!("{OP}: running_var shares its storage with running_mean");
+        }
+        // The statistics as the blend reads them: contiguous, in f32, or f64 on the CPU.
+        let as_read = |statistic: &Tensor| {
+            let dtype = match statistic.dtype() {
+                DType::F64 if statistic.device().is_cpu() => DType::F64,
+                _ => DType::F32,
+            };
+            statistic.to_dtype(dtype)?.contiguous()
+        };
+        let (mean, var) = (as_read(&self.mean)?, as_read(&self.var)?);
+        for ((_, running, _, weight), statistic) in updates.into_iter().zip([mean, var]) {
+            running.inplace_op2(&statistic, &RunningBlend { factor, weight })?;
         }
         Ok(())
     }
