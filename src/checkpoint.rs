@@ -232,7 +232,12 @@ impl Checkpoint {
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
-            bail!("checkpoint directory {} does not exist", dir.display());
+            let why = match std::fs::metadata(dir) {
+                Ok(_) => "is not a directory".to_string(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => "does not exist".to_string(),
+                Err(e) => format!("cannot be read: {e}"),
+            };
+            bail!("checkpoint directory {} {why}", dir.display());
         }
         let (single, index) = (dir.join(WEIGHTS_FILE), dir.join(WEIGHTS_INDEX_FILE));
         let weights = if !single.exists() && index.exists() {

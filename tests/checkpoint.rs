@@ -862,6 +862,15 @@ fn missing_files_are_named() {
             "does not exist",
         ],
     );
+    let file = shipped("swish_scale").join(CONFIG_FILE);
+    assert_err(
+        Checkpoint::from_dir(&file),
+        &[
+            "checkpoint directory",
+            file.to_str().unwrap(),
+            "is not a directory",
+        ],
+    );
     let config = tmp.path().join("x.json");
     assert_err(
         Checkpoint::from_files(&config, &shipped("swish_scale").join(WEIGHTS_FILE)),
