@@ -306,6 +306,9 @@ impl ScaleBatchNorm {
             DType::I64,
         )?)?;
         let batches_seen = num_batches_tracked.to_scalar::<i64>()?;
+        if batches_seen < 0 {
+            bail!("ScaleBatchNorm: bn.num_batches_tracked is {batches_seen}, a negative count of batches");
+        }
         Ok(Self {
             gemm,
             bn_weight,
@@ -367,8 +370,14 @@ impl ScaleBatchNorm {
             .batches_seen
             .lock()
             .map_err(|_| candle_core::Error::Msg("ScaleBatchNorm: state poisoned".into()))?;
+        if train && *seen == i64::MAX {
+            bail!(
+                "ScaleBatchNorm: bn.num_batches_tracked is {}, which one more batch would overflow",
+                *seen
+            );
+        }
         let update = train.then(|| RunningUpdate {
-            factor: self.momentum.unwrap_or(1.0 / (*seen + 1) as f64),
+            factor: self.momentum.unwrap_or(1.0 / (*seen as f64 + 1.0)),
             num_batches_tracked: Some(self.num_batches_tracked.as_tensor()),
         });
         let bn = BatchNormParams {

@@ -1178,6 +1178,51 @@ fn null_momentum_is_a_cumulative_average() {
     }
 }
 
+/// A negative `bn.num_batches_tracked` is refused when the model is built; the largest int64
+/// runs in eval mode, and a train step, which would overflow it, is refused by name.
+#[test]
+fn batch_counts_that_cannot_be_counted_on_are_refused() {
+    let tmp = TempDir::new("batch-count");
+    let x = input("scale_batchnorm");
+    for (count, loads, trains) in [
+        (-1i64, false, false),
+        (i64::MAX, true, false),
+        (i64::MAX - 1, true, true),
+    ] {
+        let dir = variant(
+            "scale_batchnorm",
+            &tmp.path().join(count.to_string()),
+            |c| {
+                c.insert("momentum".into(), Value::Null);
+            },
+            |t| {
+                t.insert(
+                    "bn.num_batches_tracked".into(),
+                    Tensor::new(count, &Device::Cpu).unwrap(),
+                );
+            },
+        );
+        let model = Checkpoint::from_dir(&dir)
+            .unwrap()
+            .load_model(DType::F32, &Device::Cpu);
+        if !loads {
+            assert_err(model, &["bn.num_batches_tracked is -1", "negative"]);
+            continue;
+        }
+        let model = model.unwrap();
+        model.forward_t(&x, false).unwrap();
+        let step = model.forward_t(&x, true);
+        if trains {
+            step.unwrap();
+        } else {
+            assert_err(
+                step,
+                &["bn.num_batches_tracked is 9223372036854775807", "overflow"],
+            );
+        }
+    }
+}
+
 #[test]
 fn save_round_trips_and_refuses_wrong_tensor_sets() {
     let tmp = TempDir::new("save");

@@ -360,7 +360,9 @@ impl<'s> RunningAccess<'s> {
         match self.num_batches_tracked {
             None => Ok(()),
             Some((StorageMut::Cpu(CpuStorage::I64(count)), start)) => {
-                count[start] += 1;
+                // Wraps at i64::MAX as the GPU's increment does, rather than panic in a debug
+                // build; the modules refuse a count that would.
+                count[start] = count[start].wrapping_add(1);
                 Ok(())
             }
             Some(_) => candle_core::bail!("num_batches_tracked must be an int64 on the CPU"),
