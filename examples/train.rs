@@ -42,19 +42,22 @@ fn parse_args() -> Result<Args> {
     let (mut device, mut dtype, mut precision, mut out) =
         (None, DType::F32, Precision::Exact, None);
     let mut args = std::env::args().skip(1);
-    let number = |flag: &str, v: String| -> Result<f64> {
-        v.parse::<f64>()
+    fn number<T: std::str::FromStr>(flag: &str, v: String) -> Result<T>
+    where
+        T::Err: std::fmt::Display,
+    {
+        v.parse::<T>()
             .map_err(|e| candle_core::Error::Msg(format!("{flag} {v:?}: {e}")))
-    };
+    }
     while let Some(arg) = args.next() {
         let mut value = || {
             args.next()
                 .ok_or_else(|| candle_core::Error::Msg(format!("{arg} needs a value\n{USAGE}")))
         };
         match arg.as_str() {
-            "--steps" => steps = number("--steps", value()?)? as usize,
+            "--steps" => steps = number("--steps", value()?)?,
             "--lr" => lr = number("--lr", value()?)?,
-            "--batch" => batch = number("--batch", value()?)? as usize,
+            "--batch" => batch = number("--batch", value()?)?,
             "--device" => device = Some(value()?),
             "--dtype" => {
                 dtype = match value()?.as_str() {
@@ -125,6 +128,10 @@ fn run() -> Result<()> {
     let args = parse_args()?;
     candle_fused::keep_freed_device_memory(&args.device)?;
     let checkpoint = Checkpoint::open(&args.model)?;
+    // The output directory before the steps, so that an unwritable one fails at once.
+    std::fs::create_dir_all(&args.out).map_err(|e| {
+        candle_core::Error::Msg(format!("cannot create {}: {e}", args.out.display()))
+    })?;
     let config = checkpoint.config.clone();
     let varmap = checkpoint.var_map(args.dtype, &args.device)?;
     let vb = VarBuilder::from_varmap(&varmap, args.dtype, &args.device);

@@ -60,3 +60,41 @@ fn train_lowers_the_loss_and_saves_a_loadable_checkpoint() {
         std::fs::remove_dir_all(&out).unwrap();
     }
 }
+
+/// Bad arguments end the run before any step, with an error that names them: a step count that
+/// is not a whole number, and an output directory that cannot be created (checked before the
+/// steps, not when the result is saved).
+#[test]
+fn train_refuses_bad_arguments_before_training() {
+    let binary = train_binary();
+    let file = std::env::temp_dir().join(format!("candle-fused-train-file-{}", std::process::id()));
+    std::fs::write(&file, b"not a directory").unwrap();
+    let unwritable = file.join("out");
+    let cases: [(Vec<&std::ffi::OsStr>, &str); 3] = [
+        (vec!["--steps".as_ref(), "2.5".as_ref()], "--steps \"2.5\""),
+        (vec!["--batch".as_ref(), "-3".as_ref()], "--batch \"-3\""),
+        (
+            vec!["--out".as_ref(), unwritable.as_os_str()],
+            "cannot create",
+        ),
+    ];
+    for (args, needle) in cases {
+        let run = Command::new(&binary)
+            .arg(shipped("sigmoid_residual"))
+            .args(["--device", "cpu"])
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} lacks {needle:?}"
+        );
+        assert!(
+            losses(&stderr).is_empty(),
+            "{args:?}: steps ran: {stderr:?}"
+        );
+    }
+    std::fs::remove_file(&file).unwrap();
+}
