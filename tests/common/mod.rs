@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use candle_core::{DType, Device, Result, Tensor};
+use candle_fused::Activation;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
@@ -43,4 +44,38 @@ pub fn to_f64(t: &Tensor) -> Vec<f64> {
         .unwrap()
         .to_vec1()
         .unwrap()
+}
+
+/// Asserts what PyTorch gives for an input whose first row holds a NaN, from the output `y`
+/// of a linear layer with `activation` and the input's gradient `dx`: the first row of `y` is
+/// all NaN and the others finite; the first row of `dx` is finite exactly for the identity and
+/// relu (whose derivative PyTorch takes as 1 at a NaN: `threshold_backward` zeroes only
+/// `z <= 0`), NaN for the others, and the other rows finite.
+#[track_caller]
+pub fn assert_nan_row_propagates(at: &str, activation: Activation, y: &Tensor, dx: &Tensor) {
+    let rows = |t: &Tensor| {
+        t.to_dtype(DType::F64)
+            .and_then(|t| t.to_vec2::<f64>())
+            .unwrap()
+    };
+    let (y, dx) = (rows(y), rows(dx));
+    assert!(
+        y[0].iter().all(|v| v.is_nan()),
+        "{at}: the NaN row's output {:?}",
+        y[0]
+    );
+    assert!(
+        y[1..].iter().flatten().all(|v| v.is_finite()),
+        "{at}: other rows' output"
+    );
+    let passes = matches!(activation, Activation::Identity | Activation::Relu);
+    assert!(
+        dx[0].iter().all(|v| v.is_finite() == passes),
+        "{at}: the NaN row's input gradient {:?}",
+        dx[0]
+    );
+    assert!(
+        dx[1..].iter().flatten().all(|v| v.is_finite()),
+        "{at}: other rows' input gradient"
+    );
 }
