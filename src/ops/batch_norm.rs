@@ -117,20 +117,14 @@ impl BatchStats {
                 );
             }
         }
-        // Each buffer is written while the blend reads a statistic, and running_var after
-        // running_mean: none may share storage with another.
-        let statistics = [
-            (&self.mean, "the batch mean"),
-            (&self.var, "the batch variance"),
-        ];
-        for (name, running, _, _) in updates {
-            if let Some((_, other)) = statistics.iter().find(|(s, _)| same_storage(running, s)) {
-                candle_core::bail!("{OP}: {name} shares its storage with {other}");
-            }
-        }
-        if same_storage(running_mean, running_var) {
-            candle_core::bail!("{OP}: running_var shares its storage with running_mean");
-        }
+        check_unshared(
+            OP,
+            &[("running_mean", running_mean), ("running_var", running_var)],
+            &[
+                ("the batch mean", &self.mean),
+                ("the batch variance", &self.var),
+            ],
+        )?;
         // The statistics as the blend reads them: contiguous, in f32, or f64 on the CPU.
         let as_read = |statistic: &Tensor| {
             let dtype = match statistic.dtype() {
@@ -145,6 +139,18 @@ impl BatchStats {
         }
         Ok(())
     }
+}
+
+/// Errors if a buffer of `written` shares its storage with another, or with a tensor of `read`:
+/// each is written in place, in turn, while the others are read.
+fn check_unshared(op: &str, written: &[(&str, &Tensor)], read: &[(&str, &Tensor)]) -> Result<()> {
+    for (i, (name, t)) in written.iter().enumerate() {
+        let others = written[..i].iter().chain(read);
+        if let Some((other, _)) = others.into_iter().find(|(_, o)| same_storage(t, o)) {
+            candle_core::bail!("{op}: {name} shares its storage with {other}");
+        }
+    }
+    Ok(())
 }
 
 /// Errors unless `factor`, the batch statistics' weight in a running update, is in `[0, 1]`.
@@ -286,13 +292,7 @@ impl RunningBuffers {
             }
             written.push(("num_batches_tracked", count));
         }
-        let held = [("the input", x), ("the weight", weight)];
-        for (i, (name, t)) in written.iter().enumerate() {
-            let others = written[..i].iter().chain(&held);
-            if let Some((other, _)) = others.into_iter().find(|(_, o)| same_storage(t, o)) {
-                candle_core::bail!("{op}: {name} shares its storage with {other}");
-            }
-        }
+        check_unshared(op, &written, &[("the input", x), ("the weight", weight)])?;
         Ok(Self {
             mean: bn.running_mean.clone(),
             var: bn.running_var.clone(),
