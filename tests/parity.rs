@@ -424,6 +424,82 @@ fn a_nan_input_propagates_as_in_pytorch() {
     }
 }
 
+/// A batch whose variance overflows f32 (values near 1e20) still trains in f32 on the CPU, as
+/// in PyTorch's CPU BatchNorm: the forward takes its statistics in f64, and so must the backward,
+/// where `1/σ` (near 1e-20) is representable though `σ²` is not. The gradients match the same
+/// call in f64.
+#[test]
+fn batch_norm_trains_on_a_variance_beyond_f32_range() {
+    let (m, k, n) = (4, 3, 5);
+    let x = seeded(&[m, k], 31, -1.0, 1.0);
+    let w = (seeded(&[n, k], 32, -1.0, 1.0) * 1e20).unwrap();
+    let gamma = seeded(&[n], 33, 0.5, 1.5);
+    let beta = seeded(&[n], 34, -0.5, 0.5);
+    let g = seeded(&[m, n], 35, -1.0, 1.0);
+    let grads = |dtype: DType| {
+        let vars: Vec<Var> = [&x, &w, &gamma, &beta]
+            .iter()
+            .map(|t| Var::from_tensor(&t.to_dtype(dtype).unwrap()).unwrap())
+            .collect();
+        let (running_mean, running_var) = (
+            Tensor::zeros(n, dtype, &Device::Cpu).unwrap(),
+            Tensor::ones(n, dtype, &Device::Cpu).unwrap(),
+        );
+        let bn = BatchNormParams {
+            weight: vars[2].as_tensor(),
+            bias: vars[3].as_tensor(),
+            running_mean: &running_mean,
+            running_var: &running_var,
+            eps: 1e-5,
+            update: None,
+        };
+        let (y, stats) = fused_linear_batch_norm(
+            vars[0].as_tensor(),
+            vars[1].as_tensor(),
+            None,
+            None,
+            Epilogue::IDENTITY,
+            &bn,
+            true,
+            Precision::Exact,
+        )
+        .unwrap();
+        let loss = (&y * g.to_dtype(dtype).unwrap())
+            .unwrap()
+            .sum_all()
+            .unwrap();
+        let store = loss.backward().unwrap();
+        let mut out = vec![y, stats.unwrap().var];
+        out.extend(
+            vars.iter()
+                .map(|v| store.get(v.as_tensor()).unwrap().clone()),
+        );
+        out
+    };
+    let (single, double) = (grads(DType::F32), grads(DType::F64));
+    let var_max = to_f64(&double[1]).into_iter().fold(0f64, f64::max);
+    assert!(
+        var_max > f32::MAX as f64,
+        "the batch must overflow f32: {var_max}"
+    );
+    assert_eq!(
+        single[1].dtype(),
+        DType::F32,
+        "batch statistics keep the input's dtype"
+    );
+    let compared = [
+        ("y", 0),
+        ("dx", 2),
+        ("dweight", 3),
+        ("dgamma", 4),
+        ("dbeta", 5),
+    ];
+    for (name, i) in compared {
+        let err = relative_error(&single[i], &double[i]);
+        assert!(err < 1e-4, "{name}: f32 against f64, relative error {err}");
+    }
+}
+
 /// The shipped goldens come with non-trivial BatchNorm state, so eval mode really reads it.
 #[test]
 fn batch_norm_eval_and_train_differ_on_the_golden() {

@@ -494,7 +494,7 @@ pub fn fused_linear_batch_norm(
     let operands = (x, weight, bias, scale);
     let call = BatchNormCall::new(operands, epilogue, bn, train, precision, Graph::Autograd)?;
     let y = call.x.apply_op3_arc(&call.weight, &call.params, call.op)?;
-    Ok((y, call.saved.batch_stats(train)?))
+    Ok((y, call.saved.batch_stats(train, x.dtype())?))
 }
 
 /// [`fused_linear_batch_norm`] outside Candle's autograd graph, with a [`Trace`] of the call
@@ -520,7 +520,7 @@ pub fn fused_linear_batch_norm_traced(
     let gamma = call.rows.batch_norm_gamma("fused_linear_batch_norm")?;
     targets.push((bn.weight.clone(), Target::Row(gamma)));
     targets.push((bn.bias.clone(), Target::Row(gamma + 1)));
-    let stats = call.saved.batch_stats(train)?;
+    let stats = call.saved.batch_stats(train, x.dtype())?;
     let operands = [call.x, call.weight, call.params];
     let trace = Trace::new(call.op, operands, &y, y.dims(), targets);
     Ok((y, stats, trace))
@@ -614,12 +614,18 @@ impl BatchNormCall {
 }
 
 impl Saved {
-    /// The batch statistics that a train-mode forward kept, as [`BatchStats`].
-    fn batch_stats(&self, train: bool) -> Result<Option<BatchStats>> {
+    /// The batch statistics that a train-mode forward on an `input` dtype kept, as
+    /// [`BatchStats`]: f64 for f64 inputs, f32 otherwise. (The CPU keeps them in f64 for its
+    /// backward whatever the input, as the variance of an f32 batch may overflow f32.)
+    fn batch_stats(&self, train: bool, input: DType) -> Result<Option<BatchStats>> {
         if !train {
             return Ok(None);
         }
-        let stats = self.stats()?;
+        let dtype = match input {
+            DType::F64 => DType::F64,
+            _ => DType::F32,
+        };
+        let stats = self.stats()?.to_dtype(dtype)?;
         Ok(Some(BatchStats {
             mean: stats.get(0)?,
             var: stats.get(1)?,
@@ -667,12 +673,9 @@ impl LinearBatchNormOp {
             self.saved
                 .keep_preactivation(Storage::Cpu(A::to_storage(z, dtype)?), (m, n))?;
         }
-        let stats: Vec<A> = mean
-            .iter()
-            .chain(&var)
-            .map(|&v| A::from(v).unwrap())
-            .collect();
-        self.saved.keep_stats(A::host_tensor(stats, (2, n))?)?;
+        // Kept in f64 whatever `A`: an f32 batch's variance may overflow f32 where `1/σ` does not.
+        let stats: Vec<f64> = mean.iter().chain(&var).copied().collect();
+        self.saved.keep_stats(f64::host_tensor(stats, (2, n))?)?;
         A::to_storage(y, dtype)
     }
 
