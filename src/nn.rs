@@ -15,7 +15,6 @@ use crate::ops::{
 };
 use candle_core::{bail, DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
-use std::sync::Mutex;
 
 /// A module whose forward can run outside Candle's autograd graph, returning a [`Trace`] whose
 /// backward gives the gradients of the input and of every parameter directly (see [`Trace`] for
@@ -240,7 +239,9 @@ impl TracedModuleT for SigmoidResidual {
 /// In train mode ([`ModuleT::forward_t`] with `train = true`) it normalises by the batch
 /// statistics and updates `bn.running_mean` (with momentum), `bn.running_var` (with the
 /// *unbiased* batch variance) and `bn.num_batches_tracked`, exactly as PyTorch; in eval mode it
-/// normalises by the running statistics.
+/// normalises by the running statistics. With `momentum: None` (the cumulative average) each
+/// train step reads `bn.num_batches_tracked` as it is then, as PyTorch does, which on a GPU waits
+/// for the device.
 #[derive(Debug)]
 pub struct ScaleBatchNorm {
     gemm: FusedLinear,
@@ -249,8 +250,6 @@ pub struct ScaleBatchNorm {
     running_mean: Var,
     running_var: Var,
     num_batches_tracked: Var,
-    /// Host copy of `num_batches_tracked`, for the cumulative average when momentum is `None`.
-    batches_seen: Mutex<i64>,
     eps: f64,
     momentum: Option<f64>,
 }
@@ -305,10 +304,7 @@ impl ScaleBatchNorm {
             Init::Const(0.0),
             DType::I64,
         )?)?;
-        let batches_seen = num_batches_tracked.to_scalar::<i64>()?;
-        if batches_seen < 0 {
-            bail!("ScaleBatchNorm: bn.num_batches_tracked is {batches_seen}, a negative count of batches");
-        }
+        batches_seen(&num_batches_tracked)?;
         Ok(Self {
             gemm,
             bn_weight,
@@ -316,7 +312,6 @@ impl ScaleBatchNorm {
             running_mean,
             running_var,
             num_batches_tracked,
-            batches_seen: Mutex::new(batches_seen),
             eps,
             momentum,
         })
@@ -365,19 +360,28 @@ impl ScaleBatchNorm {
     /// Runs the fused forward `op` on `x` with this module's operands and BatchNorm's parameters
     /// and buffers: in train mode with PyTorch's running-statistics update (momentum or
     /// cumulative average, and `num_batches_tracked` counted), which the op applies in place.
+    ///
+    /// The cumulative average (momentum `None`) reads `num_batches_tracked` at each train step,
+    /// as PyTorch does, so that a count restored into the buffer after loading (through a
+    /// `VarMap`, say) is the one used; on a GPU that read waits for the device. With a momentum
+    /// the count is only incremented.
     fn apply<R>(&self, x: &Tensor, train: bool, op: BatchNormForward<R>) -> Result<R> {
-        let mut seen = self
-            .batches_seen
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("ScaleBatchNorm: state poisoned".into()))?;
-        if train && *seen == i64::MAX {
-            bail!(
-                "ScaleBatchNorm: bn.num_batches_tracked is {}, which one more batch would overflow",
-                *seen
-            );
-        }
-        let update = train.then(|| RunningUpdate {
-            factor: self.momentum.unwrap_or(1.0 / (*seen as f64 + 1.0)),
+        let factor = match (train, self.momentum) {
+            (false, _) => None,
+            (true, Some(momentum)) => Some(momentum),
+            (true, None) => {
+                let seen = batches_seen(&self.num_batches_tracked)?;
+                if seen == i64::MAX {
+                    bail!(
+                        "ScaleBatchNorm: bn.num_batches_tracked is {seen}, which one more batch \
+                         would overflow"
+                    );
+                }
+                Some(1.0 / (seen as f64 + 1.0))
+            }
+        };
+        let update = factor.map(|factor| RunningUpdate {
+            factor,
             num_batches_tracked: Some(self.num_batches_tracked.as_tensor()),
         });
         let bn = BatchNormParams {
@@ -388,7 +392,7 @@ impl ScaleBatchNorm {
             eps: self.eps,
             update,
         };
-        let out = op(
+        op(
             x,
             self.gemm.weight(),
             self.gemm.bias(),
@@ -397,12 +401,17 @@ impl ScaleBatchNorm {
             &bn,
             train,
             self.gemm.precision,
-        )?;
-        if train {
-            *seen += 1;
-        }
-        Ok(out)
+        )
     }
+}
+
+/// `bn.num_batches_tracked` as it is now, refused when negative (no count of batches is).
+fn batches_seen(num_batches_tracked: &Var) -> Result<i64> {
+    let seen = num_batches_tracked.to_scalar::<i64>()?;
+    if seen < 0 {
+        bail!("ScaleBatchNorm: bn.num_batches_tracked is {seen}, a negative count of batches");
+    }
+    Ok(seen)
 }
 
 impl ModuleT for ScaleBatchNorm {

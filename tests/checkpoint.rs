@@ -1223,6 +1223,79 @@ fn batch_counts_that_cannot_be_counted_on_are_refused() {
     }
 }
 
+/// A count of batches restored into `bn.num_batches_tracked` after the model was built (a resumed
+/// run: `VarMap::load` or `set_one`) is the one the cumulative average divides by, as in PyTorch,
+/// and the one the overflow and sign checks see.
+#[test]
+fn a_batch_count_restored_after_loading_is_the_one_used() {
+    let tmp = TempDir::new("restored-count");
+    let dir = variant(
+        "scale_batchnorm",
+        tmp.path(),
+        |c| {
+            c.insert("momentum".into(), Value::Null);
+        },
+        |_| {},
+    );
+    let ckpt = Checkpoint::from_dir(&dir).unwrap();
+    let mut map = ckpt.var_map(DType::F64, &Device::Cpu).unwrap();
+    let model = Model::load(
+        VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu),
+        &ckpt.config,
+    )
+    .unwrap();
+    // The map's variables (`set_one` writes into them in place).
+    let vars = map.data().lock().unwrap().clone();
+    let var = |name: &str| vars[name].as_tensor().copy().unwrap();
+    let x = input("scale_batchnorm").to_dtype(DType::F64).unwrap();
+    let batch_mean = x
+        .matmul(&var("gemm.weight").t().unwrap())
+        .unwrap()
+        .broadcast_add(&var("gemm.bias"))
+        .unwrap()
+        .broadcast_mul(&var("scale"))
+        .unwrap()
+        .mean(0)
+        .unwrap();
+
+    map.set_one(
+        "bn.num_batches_tracked",
+        Tensor::new(99i64, &Device::Cpu).unwrap(),
+    )
+    .unwrap();
+    let before = to_f64(&var("bn.running_mean"));
+    model.forward_t(&x, true).unwrap();
+    let after = to_f64(&var("bn.running_mean"));
+    for ((a, b), m) in after.iter().zip(&before).zip(to_f64(&batch_mean)) {
+        let expected = b * 0.99 + m * 0.01;
+        assert!(
+            (a - expected).abs() <= 1e-12 * (1.0 + expected.abs()),
+            "running_mean {a}, expected {expected} (factor 1/100)"
+        );
+    }
+    assert_eq!(
+        var("bn.num_batches_tracked").to_scalar::<i64>().unwrap(),
+        100
+    );
+
+    for (count, needles) in [
+        (i64::MAX, ["is 9223372036854775807", "overflow"]),
+        (-3, ["is -3", "negative"]),
+    ] {
+        map.set_one(
+            "bn.num_batches_tracked",
+            Tensor::new(count, &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        assert_err(model.forward_t(&x, true), &needles);
+        assert_eq!(
+            var("bn.num_batches_tracked").to_scalar::<i64>().unwrap(),
+            count,
+            "a refused step leaves the count"
+        );
+    }
+}
+
 #[test]
 fn save_round_trips_and_refuses_wrong_tensor_sets() {
     let tmp = TempDir::new("save");
