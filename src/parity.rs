@@ -115,8 +115,21 @@ pub fn cancelled_by_batch_norm(name: &str, train: bool, golden: &HashMap<String,
         && matches!(name, "grad.gemm.bias" | "grad.scale")
 }
 
-/// Compares every output with its golden; an output without a golden is an error. With
-/// `half_precision`, the gradients of [`cancelled_by_batch_norm`] are reported unchecked.
+/// `|ours − golden|` for one element, where a NaN or an infinity agrees only with itself: equal
+/// infinities and two NaNs differ by 0, a non-finite value against any other by infinity.
+fn element_difference(ours: f64, golden: f64) -> f64 {
+    if ours.is_finite() && golden.is_finite() {
+        (ours - golden).abs()
+    } else if ours == golden || (ours.is_nan() && golden.is_nan()) {
+        0.0
+    } else {
+        f64::INFINITY
+    }
+}
+
+/// Compares every output with its golden (a NaN or an infinity agrees only with itself); an
+/// output without a golden is an error. With `half_precision`, the gradients of
+/// [`cancelled_by_batch_norm`] are reported unchecked.
 pub fn compare(
     outputs: &[(String, Tensor)],
     golden: &HashMap<String, Tensor>,
@@ -146,15 +159,12 @@ pub fn compare(
             let diff = ours
                 .iter()
                 .zip(&reference)
-                .map(|(a, b)| {
-                    if a.is_finite() {
-                        (a - b).abs()
-                    } else {
-                        f64::INFINITY
-                    }
-                })
+                .map(|(&a, &b)| element_difference(a, b))
                 .fold(0f64, f64::max);
-            let magnitude = reference.iter().fold(0f64, |m, v| m.max(v.abs()));
+            let magnitude = reference
+                .iter()
+                .filter(|v| v.is_finite())
+                .fold(0f64, |m, v| m.max(v.abs()));
             let relative = magnitude > 1e-10;
             let error = if relative { diff / magnitude } else { diff };
             let checked = !(half_precision && cancelled_by_batch_norm(name, train, golden));
@@ -176,5 +186,42 @@ pub fn tolerance(dtype: DType, tf32: bool) -> f64 {
         DType::F32 if tf32 => 5e-4,
         DType::F32 => 1e-5,
         _ => 1e-2,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn check(ours: &[f32], golden: &[f32]) -> Comparison {
+        let tensor = |v: &[f32]| Tensor::new(v, &Device::Cpu).unwrap();
+        let goldens = HashMap::from([("y.eval".to_string(), tensor(golden))]);
+        let outputs = [("y".to_string(), tensor(ours))];
+        compare(&outputs, &goldens, false, 1e-5, false)
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn non_finite_values_agree_only_with_themselves() {
+        let (inf, nan) = (f32::INFINITY, f32::NAN);
+        for (ours, golden, ok) in [
+            ([1.0, 2.0], [1.0, 2.0], true),
+            ([1.0, 2.0], [1.0, 2.1], false),
+            ([1.0, 2.0], [nan, 2.0], false),
+            ([nan, 2.0], [1.0, 2.0], false),
+            ([nan, 2.0], [nan, 2.0], true),
+            ([inf, 2.0], [inf, 2.0], true),
+            ([-inf, 2.0], [inf, 2.0], false),
+            ([1.0, 2.0], [inf, 2.0], false),
+        ] {
+            let comparison = check(&ours, &golden);
+            assert_eq!(
+                comparison.ok, ok,
+                "{ours:?} against {golden:?}: {comparison:?}"
+            );
+            assert!(!comparison.error.is_nan(), "{ours:?} against {golden:?}");
+        }
     }
 }
