@@ -625,6 +625,49 @@ fn empty_operands_are_rejected() {
     }
 }
 
+/// Broadcast views can have more elements than memory can address. Such an operand is refused by
+/// name before its element count wraps (a product of 2^64 + 3 rows read as 3 rows, one of 2^64
+/// as an empty batch) or its contiguous copy is attempted.
+#[test]
+fn operands_too_large_to_address_are_rejected() {
+    let mut ops = Operands::new(2, 5, 4);
+    let row = ops.x.narrow(0, 0, 1).unwrap();
+    ops.x = row.broadcast_as((1usize << 62, 5)).unwrap();
+    assert_both_err(
+        &ops,
+        &[
+            "the input of shape [4611686018427387904, 5]",
+            "more elements than memory can address",
+        ],
+    );
+    let flat = row.reshape((1, 1, 5)).unwrap();
+    for leading in [(467443687usize, 39463029637usize), (1 << 32, 1 << 32)] {
+        let x = flat.broadcast_as((leading.0, leading.1, 5)).unwrap();
+        let y = fused_linear(&x, &ops.w, None, None, Epilogue::IDENTITY, Precision::Exact);
+        let shape = format!("the input of shape [{}, {}, 5]", leading.0, leading.1);
+        assert_err(
+            y,
+            &[OPS[0], &shape, "more elements than memory can address"],
+        );
+    }
+    let x = row.broadcast_as((1usize << 31, 5)).unwrap();
+    let w = ops
+        .w
+        .narrow(0, 0, 1)
+        .unwrap()
+        .broadcast_as((1usize << 33, 5))
+        .unwrap();
+    let y = fused_linear(&x, &w, None, None, Epilogue::IDENTITY, Precision::Exact);
+    assert_err(
+        y,
+        &[
+            OPS[0],
+            "the output of shape [2147483648, 8589934592]",
+            "more elements",
+        ],
+    );
+}
+
 #[test]
 fn batch_norm_train_needs_two_rows_but_eval_takes_one() {
     let ops = Operands::new(1, 8, 6);

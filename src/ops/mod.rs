@@ -151,6 +151,24 @@ enum InputRank {
     Leading,
 }
 
+/// Refuses an operand (`what`, of shape `dims`) whose elements would need more bytes than one
+/// allocation can hold, as a broadcast view of a small tensor can: its element count would wrap
+/// (and read as another shape) or its contiguous copy could not be made.
+fn addressable(op: &str, what: &str, dims: &[usize], dtype: DType) -> Result<()> {
+    if dims.contains(&0) {
+        return Ok(()); // empty: the caller says so by name
+    }
+    let bytes = dims
+        .iter()
+        .try_fold(dtype.size_in_bytes(), |bytes, &d| bytes.checked_mul(d));
+    match bytes {
+        Some(bytes) if bytes <= isize::MAX as usize => Ok(()),
+        _ => bail!(
+            "{op}: {what} of shape {dims:?} in {dtype:?} has more elements than memory can address"
+        ),
+    }
+}
+
 /// Checks the operands of a fused linear layer and returns `(batch, in, out)`, where `batch`
 /// is the product of the input's leading dimensions.
 ///
@@ -163,6 +181,9 @@ fn check_linear_operands(
     vectors: &[(&str, &Tensor)],
     rank: InputRank,
 ) -> Result<(usize, usize, usize)> {
+    let dtype = x.dtype();
+    addressable(op, "the input", x.dims(), dtype)?;
+    addressable(op, "the weight", weight.dims(), dtype)?;
     let (batch, in_features) = match (x.dims(), rank) {
         (&[b, i], _) => (b, i),
         (&[ref leading @ .., i], InputRank::Leading) => (leading.iter().product(), i),
@@ -190,7 +211,7 @@ fn check_linear_operands(
             weight.dims()
         );
     }
-    let dtype = x.dtype();
+    addressable(op, "the output", &[batch, out_features], dtype)?;
     if !matches!(dtype, DType::F16 | DType::BF16 | DType::F32 | DType::F64) {
         bail!("{op}: unsupported dtype {dtype:?}: expected f32, f64, f16 or bf16");
     }
