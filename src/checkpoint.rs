@@ -151,27 +151,52 @@ impl ModelConfig {
         if !batch_norm && scaling_factor.is_none() {
             bail!("missing \"scaling_factor\"");
         }
-        let eps = number("eps")?.unwrap_or(DEFAULT_EPS);
-        if eps.is_nan() || eps <= 0.0 {
-            bail!("\"eps\" must be positive, got {eps}");
-        }
         let momentum = match fields.get("momentum") {
             Some(Value::Null) => None,
             _ => Some(number("momentum")?.unwrap_or(DEFAULT_MOMENTUM)),
         };
-        if let Some(m) = momentum {
-            if !(0.0..=1.0).contains(&m) {
-                bail!("\"momentum\" must be in [0, 1] or null, got {m}");
-            }
-        }
-        Ok(Self {
+        let config = Self {
             kind,
             in_features: size("in_features")?,
             out_features: size("out_features")?,
             scaling_factor,
-            eps,
+            eps: number("eps")?.unwrap_or(DEFAULT_EPS),
             momentum,
-        })
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the values that [`to_json`](Self::to_json) writes for this kind of model, as
+    /// [`from_json`](Self::from_json) would read them back: positive sizes; a finite
+    /// `scaling_factor` for `swish_scale` and `sigmoid_residual`; for `scale_batchnorm` a positive
+    /// finite `eps` and a `momentum` in `[0, 1]` or `None` (JSON has no NaN or infinity, which
+    /// would be written as `null`).
+    pub fn validate(&self) -> Result<()> {
+        for (key, size) in [
+            ("in_features", self.in_features),
+            ("out_features", self.out_features),
+        ] {
+            if size == 0 {
+                bail!("{key:?} must be a positive integer, got 0");
+            }
+        }
+        if self.kind != ModelKind::ScaleBatchNorm {
+            return match self.scaling_factor {
+                Some(f) if f.is_finite() => Ok(()),
+                Some(f) => bail!("\"scaling_factor\" must be a finite number, got {f}"),
+                None => bail!("missing \"scaling_factor\""),
+            };
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            bail!("\"eps\" must be positive and finite, got {}", self.eps);
+        }
+        match self.momentum {
+            Some(m) if !(0.0..=1.0).contains(&m) => {
+                bail!("\"momentum\" must be in [0, 1] or null, got {m}")
+            }
+            _ => Ok(()),
+        }
     }
 
     /// The config as `config.json` text.
@@ -358,13 +383,17 @@ impl Checkpoint {
 
     /// Writes `config.json` and `model.safetensors` (floats as f32, counters as int64) into
     /// `dir`, creating it, in the layout [`Checkpoint::from_dir`] reads and PyTorch's
-    /// `load_state_dict` accepts. The tensors are validated against `config` first.
+    /// `load_state_dict` accepts. The config ([`ModelConfig::validate`]) and the tensors (against
+    /// it) are checked first, so nothing is written that would not load back as it was.
     pub fn save(
         dir: impl AsRef<Path>,
         config: &ModelConfig,
         tensors: &[(String, Tensor)],
     ) -> Result<()> {
         let dir = dir.as_ref();
+        config.validate().map_err(|e| {
+            candle_core::Error::Msg(format!("cannot save to {}: {e}", dir.display()))
+        })?;
         let mut stored = HashMap::new();
         for (name, t) in tensors {
             let t = t.to_device(&Device::Cpu)?;

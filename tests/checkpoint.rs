@@ -1022,14 +1022,14 @@ fn bad_configs_are_named() {
             |c| {
                 c.insert("eps".into(), 0.into());
             },
-            "\"eps\" must be positive, got 0",
+            "\"eps\" must be positive and finite, got 0",
         ),
         (
             "scale_batchnorm",
             |c| {
                 c.insert("eps".into(), (-1e-5).into());
             },
-            "\"eps\" must be positive, got -0.00001",
+            "\"eps\" must be positive and finite, got -0.00001",
         ),
         (
             "scale_batchnorm",
@@ -1270,6 +1270,63 @@ fn a_batch_count_restored_after_loading_is_the_one_used() {
             value,
             "a refused step keeps the count"
         );
+    }
+}
+
+/// A config that `config.json` cannot carry (a NaN or an infinity would be written as `null`,
+/// so a NaN momentum would read back as the cumulative average) or that `from_dir` would refuse
+/// is refused by `save`, by key, before anything is written.
+#[test]
+fn save_refuses_a_config_that_would_not_read_back() {
+    let tmp = TempDir::new("save-config");
+    for name in MODELS {
+        let ckpt = Checkpoint::from_dir(shipped(name)).unwrap();
+        let tensors: Vec<(String, Tensor)> = ckpt.tensors.clone().into_iter().collect();
+        let mut bad: Vec<(ModelConfig, &str)> = vec![(
+            ModelConfig {
+                in_features: 0,
+                ..ckpt.config.clone()
+            },
+            "\"in_features\" must be a positive integer",
+        )];
+        if name == "scale_batchnorm" {
+            for m in [f64::NAN, f64::INFINITY, 5.0, -0.5] {
+                let config = ModelConfig {
+                    momentum: Some(m),
+                    ..ckpt.config.clone()
+                };
+                bad.push((config, "\"momentum\" must be in [0, 1] or null"));
+            }
+            for eps in [f64::NAN, f64::INFINITY, 0.0, -1.0] {
+                let config = ModelConfig {
+                    eps,
+                    ..ckpt.config.clone()
+                };
+                bad.push((config, "\"eps\" must be positive and finite"));
+            }
+        } else {
+            for f in [f64::NAN, f64::NEG_INFINITY] {
+                let config = ModelConfig {
+                    scaling_factor: Some(f),
+                    ..ckpt.config.clone()
+                };
+                bad.push((config, "\"scaling_factor\" must be a finite number"));
+            }
+            let config = ModelConfig {
+                scaling_factor: None,
+                ..ckpt.config.clone()
+            };
+            bad.push((config, "missing \"scaling_factor\""));
+        }
+        for (i, (config, needle)) in bad.into_iter().enumerate() {
+            let dir = tmp.path().join(format!("{name}-{i}"));
+            let shown = format!("{config:?}");
+            assert_err(
+                Checkpoint::save(&dir, &config, &tensors),
+                &["cannot save to", needle],
+            );
+            assert!(!dir.exists(), "{shown}: nothing may be written");
+        }
     }
 }
 
