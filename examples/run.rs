@@ -6,9 +6,9 @@
 //! ```
 //!
 //! `MODEL` is a checkpoint directory (`config.json` + `model.safetensors`) or a Hugging Face
-//! Hub repo id in the local cache. Without `--input`, the directory's `golden.safetensors` is
-//! run and every output is compared with PyTorch's; the exit status is non-zero when any is out
-//! of tolerance. With `--input FILE` (a safetensors file with `x` and optionally `g`), the
+//! Hub repo id in the local cache. Without `--input`, the checkpoint's `golden.safetensors` (in
+//! its directory, or in the repo's snapshot) is run and every output is compared with PyTorch's;
+//! the exit status is non-zero when any is out of tolerance. With `--input FILE` (a safetensors file with `x` and optionally `g`), the
 //! outputs are written to `--output` as f32: `y`, and given `g` the gradients `grad.x` and
 //! `grad.<parameter>`, and with `--train` on a BatchNorm model the running statistics.
 
@@ -114,20 +114,21 @@ fn main() {
 fn run() -> Result<()> {
     let args = parse_args()?;
     let device = device(args.device.as_deref())?;
-    let checkpoint = Checkpoint::open(&args.model)?;
+    let dir = Checkpoint::locate(&args.model)?;
+    let checkpoint = Checkpoint::from_dir(&dir)?;
     let config = checkpoint.config.clone();
     // Variables, so that the gradients of the parameters can be read back.
     let varmap = checkpoint.var_map(args.dtype, &device)?;
     let vb = candle_nn::VarBuilder::from_varmap(&varmap, args.dtype, &device);
     let model = Model::load(vb, &config)?.with_precision(args.precision);
 
-    let golden_path = PathBuf::from(&args.model).join("golden.safetensors");
+    let golden_path = dir.join("golden.safetensors");
     let inputs = match &args.input {
         Some(path) => read_safetensors(path)?,
         None if golden_path.is_file() => read_safetensors(&golden_path)?,
         None => candle_core::bail!(
             "no --input given and {} has no golden.safetensors to check",
-            args.model
+            dir.display()
         ),
     };
     let x = inputs

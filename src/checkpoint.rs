@@ -281,47 +281,17 @@ impl Checkpoint {
         repo_id: &str,
         revision: Option<&str>,
     ) -> Result<Self> {
-        let revision = revision.unwrap_or("main");
-        let repo = cache.repo(hf_hub::Repo::with_revision(
-            repo_id.to_string(),
-            hf_hub::RepoType::Model,
-            revision.to_string(),
-        ));
-        // The Hub's cache keeps `refs/` for branches and tags only: a commit names its
-        // snapshot directly.
-        let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
-        let snapshot = |name: &str| {
-            let folder = hf_hub::Repo::model(repo_id.to_string()).folder_name();
-            let path = cache
-                .path()
-                .join(folder)
-                .join("snapshots")
-                .join(revision)
-                .join(name);
-            (is_commit && path.is_file()).then_some(path)
-        };
-        let file = |name: &str| repo.get(name).or_else(|| snapshot(name));
-        let missing = |what: &str| {
-            candle_core::Error::Msg(format!(
-                "{what} of {repo_id} (revision {revision}) is not in the Hugging Face cache at {}; download the repo first",
-                cache.path().display()
-            ))
-        };
-        let config = file(CONFIG_FILE).ok_or_else(|| missing(CONFIG_FILE))?;
-        // A sharded checkpoint's shards lie beside its index in the snapshot.
-        let weights = file(WEIGHTS_FILE)
-            .or_else(|| file(WEIGHTS_INDEX_FILE))
-            .ok_or_else(|| missing(&format!("{WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE})")))?;
-        Self::from_files(&config, &weights)
+        Self::from_dir(hub_snapshot(cache, repo_id, revision)?)
     }
 
-    /// A directory if `location` is one, else a Hub repo id (`owner/name`, optionally
-    /// `owner/name@revision`) looked up in the default cache (`HF_HOME`, else
-    /// `~/.cache/huggingface`).
-    pub fn open(location: &str) -> Result<Self> {
+    /// The directory that holds the checkpoint at `location`: `location` itself if it is a
+    /// directory, else the snapshot folder of a Hub repo id (`owner/name`, optionally
+    /// `owner/name@revision`) in the default cache (`HF_HOME`, else `~/.cache/huggingface`),
+    /// which holds the repo's other files too.
+    pub fn locate(location: &str) -> Result<PathBuf> {
         let looks_like_path = location.starts_with(['.', '/', '~']) || location.ends_with('/');
         if looks_like_path || Path::new(location).is_dir() {
-            return Self::from_dir(location);
+            return Ok(PathBuf::from(location));
         }
         let (repo_id, revision) = match location.split_once('@') {
             Some((id, rev)) => (id, Some(rev)),
@@ -330,7 +300,17 @@ impl Checkpoint {
         if repo_id.split('/').count() != 2 || repo_id.split('/').any(str::is_empty) {
             bail!("{location} is neither a checkpoint directory nor a Hub repo id (owner/name)");
         }
-        Self::from_hub_cache(&hf_hub::Cache::from_env(), repo_id, revision)
+        hub_snapshot(&hf_hub::Cache::from_env(), repo_id, revision).map_err(|e| {
+            candle_core::Error::Msg(format!(
+                "{location} is not a directory here, and as a Hub repo id: {e}"
+            ))
+        })
+    }
+
+    /// The checkpoint at `location` (see [`Checkpoint::locate`]), read by
+    /// [`Checkpoint::from_dir`].
+    pub fn open(location: &str) -> Result<Self> {
+        Self::from_dir(Self::locate(location)?)
     }
 
     /// Reads and validates a config file and the weights: a safetensors file, or an index
@@ -469,6 +449,51 @@ impl StoredTensor {
             dtype: format!("{:?}", info.dtype),
             kind,
         }
+    }
+}
+
+/// The snapshot folder of the Hub model repo `repo_id` at `revision` (default `main`) in
+/// `cache`, once it holds a config and weights; nothing is downloaded.
+fn hub_snapshot(cache: &hf_hub::Cache, repo_id: &str, revision: Option<&str>) -> Result<PathBuf> {
+    let revision = revision.unwrap_or("main");
+    let repo = cache.repo(hf_hub::Repo::with_revision(
+        repo_id.to_string(),
+        hf_hub::RepoType::Model,
+        revision.to_string(),
+    ));
+    // The Hub's cache keeps `refs/` for branches and tags only: a commit names its snapshot
+    // directly.
+    let is_commit = revision.len() == 40 && revision.bytes().all(|b| b.is_ascii_hexdigit());
+    let snapshot = |name: &str| {
+        let folder = hf_hub::Repo::model(repo_id.to_string()).folder_name();
+        let path = cache
+            .path()
+            .join(folder)
+            .join("snapshots")
+            .join(revision)
+            .join(name);
+        (is_commit && path.is_file()).then_some(path)
+    };
+    let file = |name: &str| repo.get(name).or_else(|| snapshot(name));
+    let missing = |what: &str| {
+        candle_core::Error::Msg(format!(
+            "{what} of {repo_id} (revision {revision}) is not in the Hugging Face cache at {}; download the repo first",
+            cache.path().display()
+        ))
+    };
+    let config = file(CONFIG_FILE).ok_or_else(|| missing(CONFIG_FILE))?;
+    // A sharded checkpoint's shards lie beside its index in the snapshot.
+    if file(WEIGHTS_FILE)
+        .or_else(|| file(WEIGHTS_INDEX_FILE))
+        .is_none()
+    {
+        return Err(missing(&format!(
+            "{WEIGHTS_FILE} (or {WEIGHTS_INDEX_FILE})"
+        )));
+    }
+    match config.parent() {
+        Some(dir) => Ok(dir.to_path_buf()),
+        None => bail!("{} has no parent directory", config.display()),
     }
 }
 

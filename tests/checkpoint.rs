@@ -8,7 +8,7 @@ use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE, WEIGHTS_INDEX_FILE};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind};
 use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
-use common::{assert_err, golden, shipped, to_f64};
+use common::{add_files_to_hub_cache, assert_err, golden, shipped, to_f64};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Map, Value};
@@ -211,38 +211,6 @@ fn add_to_hub_cache(
     add_files_to_hub_cache(cache, repo_id, commit, &shipped(name), &files, reference);
 }
 
-/// Lays out Hub cache entries under `cache`: repo `repo_id` with a snapshot `commit` holding
-/// copies of `files` from `source`, and `refs/<reference>` naming the commit (if given). The
-/// files are symlinks into `blobs/` as in the Hub's own cache, where the platform has
-/// symlinks.
-fn add_files_to_hub_cache(
-    cache: &Path,
-    repo_id: &str,
-    commit: &str,
-    source: &Path,
-    files: &[&str],
-    reference: Option<&str>,
-) {
-    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
-    let snapshot = repo.join("snapshots").join(commit);
-    std::fs::create_dir_all(&snapshot).unwrap();
-    std::fs::create_dir_all(repo.join("blobs")).unwrap();
-    for file in files {
-        let blob = format!("{commit}-{file}");
-        std::fs::copy(source.join(file), repo.join("blobs").join(&blob)).unwrap();
-        #[cfg(unix)]
-        std::os::unix::fs::symlink(Path::new("../../blobs").join(&blob), snapshot.join(file))
-            .unwrap();
-        #[cfg(not(unix))]
-        std::fs::copy(repo.join("blobs").join(&blob), snapshot.join(file)).unwrap();
-    }
-    if let Some(reference) = reference {
-        let path = repo.join("refs").join(reference);
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, commit).unwrap();
-    }
-}
-
 #[test]
 fn hub_cache_loads_offline_by_branch_tag_and_commit() {
     let tmp = TempDir::new("hub");
@@ -336,6 +304,7 @@ fn open_finds_repo_ids_in_the_cache_under_hf_home() {
         Checkpoint::open(&format!("org/name@{COMMIT}")),
         Checkpoint::open("org/name@v9"),
         Checkpoint::open("org/absent"),
+        Checkpoint::locate("org/name"),
     );
     match saved {
         Some(value) => std::env::set_var("HF_HOME", value),
@@ -350,7 +319,16 @@ fn open_finds_repo_ids_in_the_cache_under_hf_home() {
     let hub = tmp.path().join("hub");
     let hub = hub.to_str().unwrap();
     assert_err(results.2, &["org/name", "revision v9", hub]);
-    assert_err(results.3, &["org/absent", "revision main", hub]);
+    assert_err(
+        results.3,
+        &["org/absent is not a directory here", "revision main", hub],
+    );
+    // The repo's snapshot, where its other files (a golden, say) lie too.
+    let snapshot = tmp
+        .path()
+        .join("hub/models--org--name/snapshots")
+        .join(COMMIT);
+    assert_eq!(results.4.unwrap(), snapshot);
 }
 
 /// The shard files of [`write_sharded`].

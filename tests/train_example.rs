@@ -4,16 +4,8 @@
 mod common;
 use candle_core::{DType, Device};
 use candle_fused::Checkpoint;
-use common::{shipped, to_f64};
-use std::path::PathBuf;
+use common::{example_binary, shipped, to_f64};
 use std::process::Command;
-
-/// The example's binary, which `cargo test` builds next to the test binaries.
-fn train_binary() -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let profile_dir = deps.parent().and_then(|d| d.parent()).unwrap();
-    profile_dir.join("examples").join("train")
-}
 
 /// Every `loss <value>` the progress display printed, in order.
 fn losses(progress: &str) -> Vec<f64> {
@@ -26,7 +18,7 @@ fn losses(progress: &str) -> Vec<f64> {
 
 #[test]
 fn train_lowers_the_loss_and_saves_a_loadable_checkpoint() {
-    let binary = train_binary();
+    let binary = example_binary("train");
     assert!(binary.exists(), "{} is not built", binary.display());
     for model in ["swish_scale", "scale_batchnorm", "sigmoid_residual"] {
         let dir = shipped(model);
@@ -66,7 +58,7 @@ fn train_lowers_the_loss_and_saves_a_loadable_checkpoint() {
 /// steps, not when the result is saved).
 #[test]
 fn train_refuses_bad_arguments_before_training() {
-    let binary = train_binary();
+    let binary = example_binary("train");
     let file = std::env::temp_dir().join(format!("candle-fused-train-file-{}", std::process::id()));
     std::fs::write(&file, b"not a directory").unwrap();
     let unwritable = file.join("out");

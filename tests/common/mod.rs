@@ -6,6 +6,13 @@ use candle_fused::Activation;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+/// The binary of example `name`, which `cargo test` builds next to the test binaries.
+pub fn example_binary(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let profile_dir = deps.parent().and_then(|d| d.parent()).unwrap();
+    profile_dir.join("examples").join(name)
+}
+
 /// The directory of a shipped model, `models/NAME`.
 pub fn shipped(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -78,4 +85,36 @@ pub fn assert_nan_row_propagates(at: &str, activation: Activation, y: &Tensor, d
         dx[1..].iter().flatten().all(|v| v.is_finite()),
         "{at}: other rows' input gradient"
     );
+}
+
+/// Lays out Hub cache entries under `cache`: repo `repo_id` with a snapshot `commit` holding
+/// copies of `files` from `source`, and `refs/<reference>` naming the commit (if given). The
+/// files are symlinks into `blobs/` as in the Hub's own cache, where the platform has
+/// symlinks.
+pub fn add_files_to_hub_cache(
+    cache: &Path,
+    repo_id: &str,
+    commit: &str,
+    source: &Path,
+    files: &[&str],
+    reference: Option<&str>,
+) {
+    let repo = cache.join(format!("models--{}", repo_id.replace('/', "--")));
+    let snapshot = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snapshot).unwrap();
+    std::fs::create_dir_all(repo.join("blobs")).unwrap();
+    for file in files {
+        let blob = format!("{commit}-{file}");
+        std::fs::copy(source.join(file), repo.join("blobs").join(&blob)).unwrap();
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(Path::new("../../blobs").join(&blob), snapshot.join(file))
+            .unwrap();
+        #[cfg(not(unix))]
+        std::fs::copy(repo.join("blobs").join(&blob), snapshot.join(file)).unwrap();
+    }
+    if let Some(reference) = reference {
+        let path = repo.join("refs").join(reference);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, commit).unwrap();
+    }
 }

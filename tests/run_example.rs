@@ -1,0 +1,70 @@
+//! The `run` example as a user runs it on a checkpoint in a Hugging Face Hub cache.
+
+mod common;
+use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
+use common::{add_files_to_hub_cache, example_binary, shipped};
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+/// A commit hash for the Hub cache layout.
+const COMMIT: &str = "0123456789abcdef0123456789abcdef01234567";
+
+/// A directory under the system temp dir for this test, emptied first.
+fn scratch(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("candle-fused-run-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// `run MODEL` on the CPU, with `HF_HOME` set to `hf_home`, from the directory `cwd`.
+fn run(model: &str, hf_home: &PathBuf, cwd: &PathBuf) -> Output {
+    let binary = example_binary("run");
+    assert!(binary.exists(), "{} is not built", binary.display());
+    Command::new(binary)
+        .arg(model)
+        .args(["--device", "cpu"])
+        .env("HF_HOME", hf_home)
+        .current_dir(cwd)
+        .output()
+        .unwrap()
+}
+
+/// A repo id is looked up in the cache, and so is the golden that its snapshot holds: the run
+/// checks it as it does a directory's.
+#[test]
+fn run_checks_the_golden_in_a_hub_snapshot() {
+    let home = scratch("hub");
+    let files = [CONFIG_FILE, WEIGHTS_FILE, "golden.safetensors"];
+    let source = shipped("sigmoid_residual");
+    add_files_to_hub_cache(
+        &home.join("hub"),
+        "org/name",
+        COMMIT,
+        &source,
+        &files,
+        Some("main"),
+    );
+    for model in ["org/name".to_string(), format!("org/name@{COMMIT}")] {
+        let out = run(&model, &home, &home);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{model}: {stderr}");
+        assert!(
+            stdout.contains("grad.x"),
+            "{model}: the golden was not checked: {stdout}"
+        );
+        assert!(!stdout.contains("FAIL"), "{model}: {stdout}");
+    }
+    // A mistyped relative directory is named as one, not only as a repo id.
+    let out = run("no-such/dir", &home, &home);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("no-such/dir is not a directory here"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&home).unwrap();
+}
