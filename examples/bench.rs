@@ -368,6 +368,14 @@ fn mode_settings(mode: &str) -> Result<(DType, Precision)> {
 
 fn main() -> Result<()> {
     let args = parse_args()?;
+    // Opened before the minutes of measuring, so that an unwritable path fails at once.
+    let json_file = match &args.json {
+        Some(path) => Some((
+            path,
+            std::fs::File::create(path).map_err(|e| cannot_write(path, e))?,
+        )),
+        None => None,
+    };
     let device = &args.device;
     // Both implementations reuse freed device memory, as PyTorch does.
     candle_fused::keep_freed_device_memory(device)?;
@@ -456,7 +464,7 @@ fn main() -> Result<()> {
             }
         }
     }
-    if let Some(path) = &args.json {
+    if let Some((path, file)) = json_file {
         let doc = serde_json::json!({
             "device": if device.is_cuda() { "cuda:0" } else { "cpu" },
             "copy_gbps": bandwidth / 1e9,
@@ -464,7 +472,11 @@ fn main() -> Result<()> {
             "iters": args.iters,
             "rows": rows,
         });
-        std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON"))?;
+        serde_json::to_writer_pretty(file, &doc).map_err(|e| cannot_write(path, e))?;
     }
     Ok(())
+}
+
+fn cannot_write(path: &str, e: impl std::fmt::Display) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cannot write --json {path}: {e}"))
 }

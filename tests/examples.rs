@@ -1,4 +1,5 @@
-//! The `run` example as a user runs it on a checkpoint in a Hugging Face Hub cache.
+//! The `run` and `bench` examples as a user runs them: `run` on a checkpoint in a Hugging Face
+//! Hub cache, `bench` with an output file it cannot write.
 
 mod common;
 use candle_fused::checkpoint::{CONFIG_FILE, WEIGHTS_FILE};
@@ -67,4 +68,35 @@ fn run_checks_the_golden_in_a_hub_snapshot() {
         "{stderr}"
     );
     std::fs::remove_dir_all(&home).unwrap();
+}
+
+/// An unwritable `--json` path fails before anything is measured, and the error names it.
+#[test]
+fn bench_refuses_an_unwritable_json_path_before_measuring() {
+    let dir = scratch("bench");
+    let path = dir.join("absent").join("bench.json");
+    let out = Command::new(example_binary("bench"))
+        .args([
+            "--device",
+            "cpu",
+            "--problems",
+            "swish_scale",
+            "--iters",
+            "1",
+            "--json",
+        ])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains(&format!("cannot write --json {}", path.display())),
+        "{stderr}"
+    );
+    assert!(stdout.is_empty(), "measured before failing: {stdout}");
+    std::fs::remove_dir_all(&dir).unwrap();
 }
