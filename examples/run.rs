@@ -8,9 +8,10 @@
 //! `MODEL` is a checkpoint directory (`config.json` + `model.safetensors`) or a Hugging Face
 //! Hub repo id in the local cache. Without `--input`, the checkpoint's `golden.safetensors` (in
 //! its directory, or in the repo's snapshot) is run and every output is compared with PyTorch's;
-//! the exit status is non-zero when any is out of tolerance. With `--input FILE` (a safetensors file with `x` and optionally `g`), the
-//! outputs are written to `--output` as f32: `y`, and given `g` the gradients `grad.x` and
-//! `grad.<parameter>`, and with `--train` on a BatchNorm model the running statistics.
+//! the exit status is non-zero when any is out of tolerance. With `--input FILE` (a safetensors
+//! file with `x` and optionally `g`), the outputs are written to `--output` as f32: `y`, and
+//! given `g` the gradients `grad.x` and `grad.<parameter>`, and with `--train` on a BatchNorm
+//! model the running statistics.
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
