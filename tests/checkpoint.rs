@@ -1117,9 +1117,10 @@ fn batches_tracked(map: &VarMap) -> i64 {
         .unwrap()
 }
 
-#[test]
-fn null_momentum_is_a_cumulative_average() {
-    let tmp = TempDir::new("cumulative");
+/// The shipped ScaleBatchNorm with `momentum: null` (PyTorch's cumulative average), built in f64
+/// from a `VarMap` that holds its variables.
+fn cumulative_average_model(tag: &str) -> (VarMap, Model) {
+    let tmp = TempDir::new(tag);
     let dir = variant(
         "scale_batchnorm",
         tmp.path(),
@@ -1136,6 +1137,12 @@ fn null_momentum_is_a_cumulative_average() {
         &ckpt.config,
     )
     .unwrap();
+    (map, model)
+}
+
+#[test]
+fn null_momentum_is_a_cumulative_average() {
+    let (map, model) = cumulative_average_model("cumulative");
     let x = input("scale_batchnorm").to_dtype(DType::F64).unwrap();
     let start = batches_tracked(&map);
     for (i, rows) in [19, 5].into_iter().enumerate() {
@@ -1206,22 +1213,7 @@ fn batch_counts_that_cannot_be_counted_on_are_refused() {
 /// and the one the overflow and sign checks see.
 #[test]
 fn a_batch_count_restored_after_loading_is_the_one_used() {
-    let tmp = TempDir::new("restored-count");
-    let dir = variant(
-        "scale_batchnorm",
-        tmp.path(),
-        |c| {
-            c.insert("momentum".into(), Value::Null);
-        },
-        |_| {},
-    );
-    let ckpt = Checkpoint::from_dir(&dir).unwrap();
-    let mut map = ckpt.var_map(DType::F64, &Device::Cpu).unwrap();
-    let model = Model::load(
-        VarBuilder::from_varmap(&map, DType::F64, &Device::Cpu),
-        &ckpt.config,
-    )
-    .unwrap();
+    let (mut map, model) = cumulative_average_model("restored-count");
     let x = input("scale_batchnorm").to_dtype(DType::F64).unwrap();
     let count = |value: i64| Tensor::new(value, &Device::Cpu).unwrap();
 
