@@ -360,8 +360,9 @@ impl<'s> RunningAccess<'s> {
         match self.num_batches_tracked {
             None => Ok(()),
             Some((StorageMut::Cpu(CpuStorage::I64(count)), start)) => {
-                // Wraps at i64::MAX as the GPU's increment does, rather than panic in a debug
-                // build; the modules refuse a count that would.
+                // Wraps at i64::MAX as the GPU's increment (and PyTorch's) does, rather than panic
+                // in a debug build; ScaleBatchNorm's cumulative average, which reads the count,
+                // refuses one that would.
                 count[start] = count[start].wrapping_add(1);
                 Ok(())
             }
