@@ -149,6 +149,16 @@ __device__ __forceinline__ ColumnBackward load_column_backward(const FusedBackwa
   return col;
 }
 
+// u as the forward normalised it: in training, the statistics and the normalisation were of u
+// rounded to T (the y that the GEMM stored), so x̂ = (u − mean)·invstd must start from the same
+// rounded u. Otherwise each x̂ moves by up to ulp(u)·invstd, and the gradients that should
+// cancel (that of a shift of u, Σ du) are swamped where a column's mean is far from its spread.
+// In eval the forward normalised u unrounded, with the running statistics.
+template <class T>
+__device__ __forceinline__ float train_u(float u, bool train) {
+  return train ? rounded_to<T>(u) : u;
+}
+
 // Sweep 1 of the BatchNorm backward: partial Σ g·x̂ and Σ g per column (rows d_gamma, d_beta).
 template <class T, int V, class Epilogue>
 __global__ void __launch_bounds__(BWD_COLS* backward_rows<T, true>)
@@ -160,6 +170,7 @@ __global__ void __launch_bounds__(BWD_COLS* backward_rows<T, true>)
   const bool inside = c0 < n;  // V divides n: a pack is wholly inside or outside
   const T* __restrict__ g = static_cast<const T*>(a.g);
   const T* __restrict__ z = static_cast<const T*>(a.z);
+  const bool train = a.batch_norm == FUSED_BN_TRAIN;
   double v[2][V] = {};
   if (inside) {
     ColumnBackward col[V];
@@ -173,7 +184,7 @@ __global__ void __launch_bounds__(BWD_COLS* backward_rows<T, true>)
       load_pack<T, V>(z + r * n + c0, zv);
 #pragma unroll
       for (int i = 0; i < V; ++i) {
-        const double u = epi.apply(zv[i], col[i].scale);
+        const double u = train_u<T>(epi.apply(zv[i], col[i].scale), train);
         v[0][i] += double(gv[i]) * (u - col[i].mean) * col[i].invstd;
         v[1][i] += gv[i];
       }
@@ -253,7 +264,8 @@ __global__ void __launch_bounds__(BWD_COLS* backward_rows<T, BatchNorm>)
           for (int i = 0; i < V; ++i) {
             Real du = gv[j][i];
             if constexpr (BatchNorm) {
-              du = bn[i].k * du + bn[i].du_u * double(epi.apply(zv[j][i], col[i].scale)) + bn[i].du_1;
+              const float u = train_u<T>(epi.apply(zv[j][i], col[i].scale), a.batch_norm == FUSED_BN_TRAIN);
+              du = bn[i].k * du + bn[i].du_u * double(u) + bn[i].du_1;
             }
             const auto add = [&](int sum, Real term) {
               if constexpr (BatchNorm) {

@@ -41,6 +41,12 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
 }
 
+// v as a T holds it: what a 16-bit tensor stores, back in f32 (v itself for f32).
+template <class T>
+__device__ __forceinline__ float rounded_to(float v) {
+  return to_float(from_float<T>(v));
+}
+
 // f rounded to the nearest TF32 value (the low 13 mantissa bits cleared), as the bits of an f32.
 __device__ __forceinline__ uint32_t to_tf32(float f) {
   uint32_t r;

@@ -383,11 +383,12 @@ __device__ __forceinline__ void store_tile(float (&acc)[Tile<T>::MI][Tile<T>::NI
         float zv[2], uv[2];
 #pragma unroll
         for (int j = 0; j < 2; ++j) {
-          zv[j] = acc[mi][ni][2 * h + j] + col[j].bias;
+          // z as stored: the backward differentiates at it, and rebuilds u from it.
+          zv[j] = rounded_to<T>(acc[mi][ni][2 * h + j] + col[j].bias);
           uv[j] = epi.apply(zv[j], col[j].scale);
           // Training keeps u, as stored, for the statistics: they then describe exactly the
           // values that batch_norm.cu normalises.
-          if (train) acc[mi][ni][2 * h + j] = to_float(from_float<T>(uv[j]));
+          if (train) acc[mi][ni][2 * h + j] = rounded_to<T>(uv[j]);
         }
         if (r < m && c < n) {
           store_two(y, r, c, n, col[0].bn.apply(uv[0]), col[1].bn.apply(uv[1]));

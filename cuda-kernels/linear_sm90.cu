@@ -20,7 +20,7 @@
 //   - a device of compute capability 9.0 running this file's sm_90a code.
 //
 // The epilogue tree, leaves first (every node computes in f32):
-//   z = acc + bias_j                               bias: a per-feature vector
+//   z = acc + bias_j, rounded to T                 bias: a per-feature vector
 //   z is stored to args.z when that is not null    (a no-op node otherwise)
 //   u = act(z) * s_j * scale + (residual ? z : 0)  s: the per-feature scale, or 1 without one
 //   y = u * f_j + d_j                              f, d: the folded eval BatchNorm, or 1 and 0
@@ -384,8 +384,11 @@ struct LinearEpilogue {
   template <template <class> class Fn, class Out = float>
   using Compute = evt::Sm90Compute<Fn, Out, float, kRound>;
 
-  // z = acc + bias_j
-  using Z = evt::Sm90EVT<Compute<cutlass::plus>, evt::Sm90AccFetch, Feature<CtaTile, T>>;
+  // z = acc + bias_j, rounded to T: the epilogue continues from the z that is stored for the
+  // backward (as PyTorch's next op reads its Linear's output), so that the backward
+  // differentiates where the forward evaluated, and a train-mode BatchNorm's backward rebuilds
+  // the very u that the statistics describe.
+  using Z = evt::Sm90EVT<Compute<cutlass::plus, T>, evt::Sm90AccFetch, Feature<CtaTile, T>>;
 
   // z, also written to memory unless its pointer is null; the node passes its input through.
   using ZDescriptor = cutlass::epilogue::collective::detail::AuxStoreDescriptor<EpilogueDescriptor,

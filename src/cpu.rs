@@ -1,7 +1,9 @@
 //! CPU implementations of the fused ops: the reference path, and the fallback when no GPU is used.
 //!
 //! Everything runs in an accumulation type [`Accum`]: f64 for f64 tensors, f32 for the others
-//! (f16 and bf16 are widened once, computed in f32 and rounded once at the end). The product
+//! (f16 and bf16 are widened once and computed in f32). A 16-bit op rounds where its tensors are
+//! stored and where PyTorch's would be: the pre-activation `z`, which the backward reads back,
+//! is rounded before the epilogue sees it, and the output once at the end. The product
 //! goes through the `gemm` crate (Candle's own CPU matmul), with the bias preloaded into the
 //! destination so that the epilogue is a single pass over the output.
 
@@ -22,6 +24,8 @@ pub(crate) trait Accum: num_traits::Float + Send + Sync + std::fmt::Debug + 'sta
     fn host_vec(t: &Tensor) -> Result<Vec<Self>>;
     /// A CPU tensor of `Self` holding `values`.
     fn host_tensor(values: Vec<Self>, shape: impl Into<Shape>) -> Result<Tensor>;
+    /// The rounding of a value to `dtype`, the type its tensor is stored in, and back.
+    fn rounding(dtype: DType) -> fn(Self) -> Self;
 }
 
 /// The contiguous element range of an operand, or an error naming the op.
@@ -65,6 +69,14 @@ impl Accum for f32 {
     fn host_tensor(values: Vec<f32>, shape: impl Into<Shape>) -> Result<Tensor> {
         Tensor::from_vec(values, shape.into(), &Device::Cpu)
     }
+
+    fn rounding(dtype: DType) -> fn(f32) -> f32 {
+        match dtype {
+            DType::F16 => |v| half::f16::from_f32(v).to_f32(),
+            DType::BF16 => |v| half::bf16::from_f32(v).to_f32(),
+            _ => |v| v,
+        }
+    }
 }
 
 impl Accum for f64 {
@@ -90,15 +102,21 @@ impl Accum for f64 {
     fn host_tensor(values: Vec<f64>, shape: impl Into<Shape>) -> Result<Tensor> {
         Tensor::from_vec(values, shape.into(), &Device::Cpu)
     }
+
+    fn rounding(_: DType) -> fn(f64) -> f64 {
+        |v| v
+    }
 }
 
 /// The fused linear layer: `y = epilogue(z)` with `z = x·Wᵀ + bias` for `x` (m, k) and `w`
-/// (n, k), row-major; the bias is row 0 of `params`. The product goes into one buffer and a
-/// single pass adds the bias and applies the epilogue, in place unless `keep_z` asks for `z`
-/// too (then returned second).
+/// (n, k), row-major; the bias is row 0 of `params`. `z` is rounded to `dtype` (the type it is
+/// kept in for the backward) before the epilogue, so that the backward differentiates at the
+/// very `z` the forward used. The product goes into one buffer and a single pass adds the bias
+/// and applies the epilogue, in place unless `keep_z` asks for `z` too (then returned second).
 pub(crate) fn linear_epilogue<A: Accum>(
     (x, w, params): (&[A], &[A], &[A]),
     (m, n, k): (usize, usize, usize),
+    dtype: DType,
     rows: ParamRows,
     epilogue: &Epilogue,
     keep_z: bool,
@@ -107,11 +125,12 @@ pub(crate) fn linear_epilogue<A: Accum>(
     matmul_into(&mut acc, x, w, (m, n, k), Transpose::B, false);
     let bias = &params[..n];
     let scales = feature_scales(epilogue, params, rows, n);
+    let round = A::rounding(dtype);
     // The pass is split by rows over the cores, as the product was.
     if !keep_z {
         acc.par_chunks_mut(n).for_each(|row| {
             for j in 0..n {
-                row[j] = epilogue.apply(row[j] + bias[j], scales[j]);
+                row[j] = epilogue.apply(round(row[j] + bias[j]), scales[j]);
             }
         });
         return (acc, None);
@@ -121,7 +140,7 @@ pub(crate) fn linear_epilogue<A: Accum>(
         .zip(y.par_chunks_mut(n))
         .for_each(|(z_row, y_row)| {
             for j in 0..n {
-                z_row[j] = z_row[j] + bias[j];
+                z_row[j] = round(z_row[j] + bias[j]);
                 y_row[j] = epilogue.apply(z_row[j], scales[j]);
             }
         });
@@ -319,7 +338,10 @@ pub(crate) fn normalize<A: Accum>(
 
 /// The BatchNorm backward at `u = epilogue(z)` given `dy`, composed with the epilogue
 /// backward: returns `dz` and the table gradient (bias, scale, gamma, beta rows; running
-/// statistics rows zero).
+/// statistics rows zero). In train mode `u` is rounded to `dtype`, as the forward rounded it
+/// before taking its statistics: `x̂` must be the forward's own, since Σ x̂ = 0 is what cancels
+/// the gradient of a shift (a rounding of `u` left out here moves every `x̂` by up to
+/// ulp(u)/σ, which swamps the gradients of a column whose mean is far from zero).
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn batch_norm_backward<A: Accum>(
     dy: &[A],
@@ -328,13 +350,18 @@ pub(crate) fn batch_norm_backward<A: Accum>(
     rows: ParamRows,
     (mean, var): (&[f64], &[f64]),
     n: usize,
+    dtype: DType,
     epilogue: &Epilogue,
     eps: f64,
     train: bool,
 ) -> (Vec<A>, Vec<f64>) {
     let gamma_row = rows.gamma.expect("batch-norm table has a gamma row");
     let gamma = &params[gamma_row * n..(gamma_row + 1) * n];
-    let u = epilogue_forward(z, params, rows, n, epilogue);
+    let mut u = epilogue_forward(z, params, rows, n, epilogue);
+    if train {
+        let round = A::rounding(dtype);
+        u.iter_mut().for_each(|v| *v = round(*v));
+    }
     let m = (dy.len() / n) as f64;
     let inv_std: Vec<f64> = var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
     let x_hat = |i: usize, j: usize| (u[i * n + j].to_f64().unwrap() - mean[j]) * inv_std[j];

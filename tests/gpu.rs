@@ -13,7 +13,9 @@ use candle_fused::{
     Activation, BatchNormParams, BatchStats, Checkpoint, Epilogue, OutputScale, Precision,
     RunningUpdate,
 };
-use common::{assert_nan_row_propagates, golden, shipped, to_f64};
+use common::{
+    assert_batch_norm_cancels_a_shift, assert_nan_row_propagates, golden, shipped, to_f64,
+};
 
 fn gpu() -> Option<Device> {
     match Device::new_cuda(0) {
@@ -416,6 +418,19 @@ fn batch_norm_statistics_hold_far_from_zero() {
                 "{what}: batch variance error {err_var:.2e}"
             );
             assert!(err_y <= 1e-4, "{what}: y error {err_y:.2e}");
+        }
+    }
+}
+
+/// The train-mode BatchNorm's backward uses the forward's own `x̂` in 16 bits: `z` and `u`
+/// rounded as stored, in the GEMM's epilogue and in the backward alike (see the CPU test of the
+/// same name). On the Hopper path (k, n multiples of 8) and on the portable kernel's.
+#[test]
+fn batch_norm_backward_sees_the_forward_normalised_values() {
+    let Some(device) = gpu() else { return };
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for size in [(256, 64, 136), (61, 13, 31)] {
+            assert_batch_norm_cancels_a_shift(&device, dtype, size);
         }
     }
 }

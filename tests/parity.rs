@@ -8,7 +8,9 @@ use candle_fused::{
     fused_linear, fused_linear_batch_norm, fused_linear_batch_norm_traced, fused_linear_traced,
     Activation, BatchNormParams, Checkpoint, Epilogue, OutputScale, Precision, Trace,
 };
-use common::{assert_nan_row_propagates, golden, shipped, to_f64};
+use common::{
+    assert_batch_norm_cancels_a_shift, assert_nan_row_propagates, golden, shipped, to_f64,
+};
 
 const MODELS: [&str; 3] = ["swish_scale", "scale_batchnorm", "sigmoid_residual"];
 
@@ -72,6 +74,17 @@ fn f64_matches_pytorch_to_rounding() {
 fn half_precisions_match_pytorch_within_their_resolution() {
     check_models(DType::F16);
     check_models(DType::BF16);
+}
+
+/// A train-mode BatchNorm's backward uses the forward's own `x̂` in every dtype: 16-bit ones
+/// round `z` and `u` where they are stored, in the forward and in the backward alike.
+#[test]
+fn batch_norm_backward_sees_the_forward_normalised_values() {
+    for dtype in [DType::BF16, DType::F16, DType::F32] {
+        for size in [(64, 16, 8), (37, 13, 5)] {
+            assert_batch_norm_cancels_a_shift(&Device::Cpu, dtype, size);
+        }
+    }
 }
 
 /// Half-precision results against the f32 path, on a random problem larger than the goldens.

@@ -654,12 +654,19 @@ impl LinearBatchNormOp {
         let (mut y, z) = cpu::linear_epilogue(
             (x, w, p),
             (m, n, k),
+            dtype,
             self.rows,
             &self.epilogue,
             self.keep_preactivation,
         );
         let (mean, var) = match self.rows.running_mean {
-            None => cpu::column_stats(&y, n),
+            None => {
+                // Train mode normalises u as a 16-bit tensor holds it, as PyTorch's BatchNorm
+                // and the GPU do, and the backward rebuilds the same values from z.
+                let round = A::rounding(dtype);
+                y.iter_mut().for_each(|v| *v = round(*v));
+                cpu::column_stats(&y, n)
+            }
             Some(r) => {
                 let to_f64 = |v: &[A]| v.iter().map(|x| x.to_f64().unwrap()).collect::<Vec<_>>();
                 (to_f64(row(r)), to_f64(row(r + 1)))
@@ -681,8 +688,8 @@ impl LinearBatchNormOp {
     }
 
     fn cpu_backward<A: Accum>(&self, dy: &Tensor, p: &Tensor) -> Result<(Tensor, Tensor)> {
-        let z = match self.saved.preactivation()? {
-            Some(z) => A::host_vec(&z)?,
+        let (z, dtype) = match self.saved.preactivation()? {
+            Some(z) => (A::host_vec(&z)?, z.dtype()),
             None => candle_core::bail!(
                 "fused_linear_batch_norm: backward without a kept pre-activation"
             ),
@@ -696,6 +703,7 @@ impl LinearBatchNormOp {
             self.rows,
             stats.split_at(n),
             n,
+            dtype,
             &self.epilogue,
             self.eps,
             self.train,

@@ -165,6 +165,7 @@ impl FusedLinearOp {
         let (y, z) = cpu::linear_epilogue(
             (x, w, p),
             (m, n, k),
+            dtype,
             self.rows,
             &self.epilogue,
             self.keep_preactivation,

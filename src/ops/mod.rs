@@ -26,6 +26,13 @@
 //! exact f32 as one TF32 cuBLAS GEMM over the same split, and in TF32, f16 and bf16 on the
 //! crate's Hopper kernel).
 //!
+//! **Where 16-bit ops round.** f16 and bf16 compute in f32 and round where a tensor is stored
+//! and where PyTorch's separate ops would: the pre-activation `z` (which the backward reads
+//! back) before the epilogue sees it, a train-mode BatchNorm's input `u` before its statistics
+//! are taken, and the output. So the backward differentiates at the values the forward used:
+//! for BatchNorm in training this is what keeps its `x̂` the forward's, whose sum cancels the
+//! gradient of a shift; rebuilt from other values, each `x̂` moves by up to ulp(u)/σ.
+//!
 //! **What the forward keeps for the backward.** Only when some input tracks gradients (or the
 //! call is traced), the op keeps the pre-activation `z = x·Wᵀ + b` (one `batch × out` tensor in
 //! the input dtype), because every derivative of the epilogue is a pointwise function of `z` and

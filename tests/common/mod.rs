@@ -118,3 +118,82 @@ pub fn add_files_to_hub_cache(
         std::fs::write(path, commit).unwrap();
     }
 }
+
+/// Asserts that a train-mode BatchNorm's backward sees the `x̂` its forward normalised, on
+/// `device` in `dtype`, on an (m, k, n) problem. A shift of `u` does not change the output of
+/// the normalisation, so under a linear epilogue (`u = z·s`) the bias gradient cancels:
+/// Σᵢ duᵢ = 0 wherever Σᵢ x̂ᵢ = 0. That holds only if the backward's `x̂` are the forward's: one
+/// that rebuilds `u` unrounded, or from another `z`, moves each `x̂` by up to ulp(u)/σ, which
+/// leaves a good part of the terms where the columns' means lie far from their spread, as here
+/// (offsets up to 24, spread near 1). The bound is relative to the size of the sum's terms.
+pub fn assert_batch_norm_cancels_a_shift(
+    device: &Device,
+    dtype: DType,
+    (m, k, n): (usize, usize, usize),
+) {
+    use candle_fused::{fused_linear_batch_norm_traced, BatchNormParams, Epilogue, Precision};
+    let values = |shape: &[usize], seed: u64, lo: f64, hi: f64| {
+        let count: usize = shape.iter().product();
+        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let v: Vec<f64> = (0..count)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                lo + (hi - lo) * ((state >> 11) as f64 / (1u64 << 53) as f64)
+            })
+            .collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+            .and_then(|t| t.to_dtype(dtype))
+            .and_then(|t| t.to_device(device))
+            .unwrap()
+    };
+    let x = values(&[m, k], 1, -1.0, 1.0);
+    let w = values(&[n, k], 2, -1.0, 1.0)
+        .affine(1.0 / (k as f64).sqrt(), 0.0)
+        .unwrap();
+    let bias = values(&[n], 3, -24.0, 24.0);
+    let scale = values(&[n], 4, 0.5, 2.0);
+    let gamma = values(&[n], 5, 0.5, 2.0);
+    let beta = values(&[n], 6, -1.0, 1.0);
+    let g = values(&[m, n], 7, -1.0, 1.0);
+    let eps = 1e-5;
+    let bn = BatchNormParams {
+        weight: &gamma,
+        bias: &beta,
+        running_mean: &beta,
+        running_var: &gamma,
+        eps,
+        update: None,
+    };
+    let (gamma_h, g_h) = (to_f64(&gamma), to_f64(&g));
+    for (epilogue, scale) in [
+        (Epilogue::IDENTITY, None),
+        (Epilogue::per_feature_scale(), Some(&scale)),
+    ] {
+        let (_, stats, trace) = fused_linear_batch_norm_traced(
+            &x,
+            &w,
+            Some(&bias),
+            scale,
+            epilogue,
+            &bn,
+            true,
+            Precision::Exact,
+        )
+        .unwrap();
+        let d_bias = to_f64(trace.backward(&g).unwrap().get(&bias).unwrap());
+        let var = to_f64(&stats.unwrap().var);
+        for j in 0..n {
+            // Σᵢ |duᵢ| is about γ·Σᵢ |gᵢ| / σ.
+            let terms = (0..m).map(|i| g_h[i * n + j].abs()).sum::<f64>() * gamma_h[j].abs()
+                / (var[j] + eps).sqrt();
+            assert!(
+                d_bias[j].abs() <= 1e-6 * terms,
+                "{dtype:?} {m}x{k}->{n} {epilogue:?}: column {j}: the bias gradient {:.3e} \
+                 does not cancel (terms {terms:.3e})",
+                d_bias[j]
+            );
+        }
+    }
+}
