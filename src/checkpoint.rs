@@ -168,10 +168,12 @@ impl ModelConfig {
     }
 
     /// Checks the values that [`to_json`](Self::to_json) writes for this kind of model, as
-    /// [`from_json`](Self::from_json) would read them back: positive sizes; a finite
-    /// `scaling_factor` for `swish_scale` and `sigmoid_residual`; for `scale_batchnorm` a positive
+    /// [`from_json`](Self::from_json) would read them back: positive sizes whose weight can be
+    /// addressed (`in_features · out_features` f64 values); a finite `scaling_factor` for
+    /// `swish_scale` and `sigmoid_residual`, and none for `scale_batchnorm`, which has a positive
     /// finite `eps` and a `momentum` in `[0, 1]` or `None` (JSON has no NaN or infinity, which
-    /// would be written as `null`).
+    /// would be written as `null`). `eps` and `momentum` mean nothing to the other two models,
+    /// which neither write nor read them.
     pub fn validate(&self) -> Result<()> {
         for (key, size) in [
             ("in_features", self.in_features),
@@ -181,7 +183,22 @@ impl ModelConfig {
                 bail!("{key:?} must be a positive integer, got 0");
             }
         }
-        if self.kind != ModelKind::ScaleBatchNorm {
+        let weight_bytes = self
+            .in_features
+            .checked_mul(self.out_features)
+            .and_then(|elements| elements.checked_mul(std::mem::size_of::<f64>()));
+        if weight_bytes.is_none_or(|bytes| bytes > isize::MAX as usize) {
+            bail!(
+                "a weight of \"out_features\" × \"in_features\" = {} × {} elements is too large to address",
+                self.out_features,
+                self.in_features
+            );
+        }
+        if self.kind == ModelKind::ScaleBatchNorm {
+            if let Some(f) = self.scaling_factor {
+                bail!("scale_batchnorm takes no \"scaling_factor\", got {f}");
+            }
+        } else {
             return match self.scaling_factor {
                 Some(f) if f.is_finite() => Ok(()),
                 Some(f) => bail!("\"scaling_factor\" must be a finite number, got {f}"),
@@ -286,8 +303,9 @@ impl Checkpoint {
 
     /// The directory that holds the checkpoint at `location`: `location` itself if it is a
     /// directory, else the snapshot folder of a Hub repo id (`owner/name`, optionally
-    /// `owner/name@revision`) in the default cache (`HF_HOME`, else `~/.cache/huggingface`),
-    /// which holds the repo's other files too.
+    /// `owner/name@revision`) in the default cache, which holds the repo's other files too. The
+    /// default cache is where `huggingface_hub` puts it: `HF_HUB_CACHE`, else `HF_HOME/hub`,
+    /// else `XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
     pub fn locate(location: &str) -> Result<PathBuf> {
         let looks_like_path = location.starts_with(['.', '/', '~']) || location.ends_with('/');
         if looks_like_path || Path::new(location).is_dir() {
@@ -300,11 +318,13 @@ impl Checkpoint {
         if repo_id.split('/').count() != 2 || repo_id.split('/').any(str::is_empty) {
             bail!("{location} is neither a checkpoint directory nor a Hub repo id (owner/name)");
         }
-        hub_snapshot(&hf_hub::Cache::from_env(), repo_id, revision).map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "{location} is not a directory here, and as a Hub repo id: {e}"
-            ))
-        })
+        default_hub_cache()
+            .and_then(|cache| hub_snapshot(&cache, repo_id, revision))
+            .map_err(|e| {
+                candle_core::Error::Msg(format!(
+                    "{location} is not a directory here, and as a Hub repo id: {e}"
+                ))
+            })
     }
 
     /// The checkpoint at `location` (see [`Checkpoint::locate`]), read by
@@ -363,17 +383,32 @@ impl Checkpoint {
 
     /// Writes `config.json` and `model.safetensors` (floats as f32, counters as int64) into
     /// `dir`, creating it, in the layout [`Checkpoint::from_dir`] reads and PyTorch's
-    /// `load_state_dict` accepts. The config ([`ModelConfig::validate`]) and the tensors (against
-    /// it) are checked first, so nothing is written that would not load back as it was.
+    /// `load_state_dict` accepts. The config ([`ModelConfig::validate`]) and the tensors (each
+    /// name once, against the config, in the dtypes given) are checked first, so nothing is
+    /// written that would not load back: as it was, up to the rounding of f64 values to f32.
+    /// Each file is written beside its final name and then renamed over it, the weights first,
+    /// so a save that fails on the way leaves the directory's previous checkpoint whole.
     pub fn save(
         dir: impl AsRef<Path>,
         config: &ModelConfig,
         tensors: &[(String, Tensor)],
     ) -> Result<()> {
         let dir = dir.as_ref();
-        config.validate().map_err(|e| {
-            candle_core::Error::Msg(format!("cannot save to {}: {e}", dir.display()))
-        })?;
+        let cannot_save =
+            |e: &dyn std::fmt::Display| format!("cannot save to {}: {e}", dir.display());
+        config
+            .validate()
+            .map_err(|e| candle_core::Error::Msg(cannot_save(&e)))?;
+        let mut entries = HashMap::new();
+        for (name, t) in tensors {
+            if entries.insert(name.clone(), StoredTensor::of(t)).is_some() {
+                bail!(
+                    "{}",
+                    cannot_save(&format!("the tensor {name:?} is given twice"))
+                );
+            }
+        }
+        check_tensors(config, &entries)?;
         let mut stored = HashMap::new();
         for (name, t) in tensors {
             let t = t.to_device(&Device::Cpu)?;
@@ -382,24 +417,31 @@ impl Checkpoint {
             } else {
                 t.to_dtype(DType::F32)?
             };
-            stored.insert(name.clone(), t);
+            stored.insert(name.as_str(), t);
         }
-        let entries = stored
-            .iter()
-            .map(|(name, t)| (name.clone(), StoredTensor::of(t)))
-            .collect();
-        check_tensors(config, &entries)?;
+        let weights = safetensors::serialize(&stored, None)
+            .map_err(|e| candle_core::Error::Msg(cannot_save(&e)))?;
         std::fs::create_dir_all(dir).map_err(|e| {
             candle_core::Error::Msg(format!("cannot create {}: {e}", dir.display()))
         })?;
-        std::fs::write(dir.join(CONFIG_FILE), config.to_json() + "\n").map_err(|e| {
-            candle_core::Error::Msg(format!(
-                "cannot write {}: {e}",
-                dir.join(CONFIG_FILE).display()
-            ))
-        })?;
-        candle_core::safetensors::save(&stored, dir.join(WEIGHTS_FILE))
+        write_by_rename(&dir.join(WEIGHTS_FILE), &weights)?;
+        write_by_rename(&dir.join(CONFIG_FILE), (config.to_json() + "\n").as_bytes())
     }
+}
+
+/// Writes `bytes` to `path` through a file beside it that is then renamed over it, so that
+/// `path` holds either its old content or all of the new; the error names `path`.
+fn write_by_rename(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    std::fs::write(&partial, bytes)
+        .and_then(|()| std::fs::rename(&partial, path))
+        .map_err(|e| {
+            // Best effort: the partial file may not exist.
+            let _ = std::fs::remove_file(&partial);
+            candle_core::Error::Msg(format!("cannot write {}: {e}", path.display()))
+        })
 }
 
 /// A tensor as a weights file's header describes it, or as [`Checkpoint::save`] is handed
@@ -450,6 +492,28 @@ impl StoredTensor {
             kind,
         }
     }
+}
+
+/// The Hub cache that `huggingface_hub` uses, from the environment (see [`Checkpoint::locate`]);
+/// an error, not a panic, where no home directory is known.
+fn default_hub_cache() -> Result<hf_hub::Cache> {
+    let var = |name: &str| {
+        std::env::var_os(name)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    let path = if let Some(hub) = var("HF_HUB_CACHE") {
+        hub
+    } else if let Some(home) = var("HF_HOME") {
+        home.join("hub")
+    } else if let Some(cache) = var("XDG_CACHE_HOME") {
+        cache.join("huggingface").join("hub")
+    } else if let Some(home) = var("HOME").or_else(|| var("USERPROFILE")) {
+        home.join(".cache").join("huggingface").join("hub")
+    } else {
+        bail!("no Hub cache: none of HF_HUB_CACHE, HF_HOME, XDG_CACHE_HOME and HOME is set")
+    };
+    Ok(hf_hub::Cache::new(path))
 }
 
 /// The snapshot folder of the Hub model repo `repo_id` at `revision` (default `main`) in

@@ -60,9 +60,9 @@ impl FusedLinear {
     }
 
     /// Loads `weight` and `bias` (PyTorch's `nn.Linear` names) from `vb`, initialised like
-    /// PyTorch's `nn.Linear` when `vb` creates variables. A per-feature scale, if the epilogue
-    /// has one, is read by the caller (its name depends on the model) and passed to
-    /// [`FusedLinear::new`].
+    /// PyTorch's `nn.Linear` when `vb` creates variables. An epilogue with a per-feature scale
+    /// is refused here, as there is no scale to give it (its name depends on the model): read
+    /// the three tensors and build such a layer with [`FusedLinear::new`].
     pub fn load(
         vb: VarBuilder,
         in_features: usize,

@@ -286,7 +286,40 @@ fn hub_cache_loads_offline_by_branch_tag_and_commit() {
     );
 }
 
-/// The only test that touches `HF_HOME` (the environment is process-wide).
+/// The variables that choose the default Hub cache, in `huggingface_hub`'s order.
+const CACHE_VARS: [&str; 5] = [
+    "HF_HUB_CACHE",
+    "HF_HOME",
+    "XDG_CACHE_HOME",
+    "HOME",
+    "USERPROFILE",
+];
+
+/// Runs `f` with the cache variables set as `vars` gives them (the others unset), then
+/// restores them.
+fn with_cache_vars<R>(vars: &[(&str, &Path)], f: impl FnOnce() -> R) -> R {
+    let saved: Vec<_> = CACHE_VARS
+        .iter()
+        .map(|name| (name, std::env::var_os(name)))
+        .collect();
+    for name in CACHE_VARS {
+        std::env::remove_var(name);
+    }
+    for (name, value) in vars {
+        std::env::set_var(name, value);
+    }
+    let result = f();
+    for (name, value) in saved {
+        match value {
+            Some(value) => std::env::set_var(name, value),
+            None => std::env::remove_var(name),
+        }
+    }
+    result
+}
+
+/// The only test that touches the cache's environment variables (the environment is
+/// process-wide).
 #[test]
 fn open_finds_repo_ids_in_the_cache_under_hf_home() {
     let tmp = TempDir::new("hf-home");
@@ -297,19 +330,35 @@ fn open_finds_repo_ids_in_the_cache_under_hf_home() {
         "scale_batchnorm",
         Some("main"),
     );
-    let saved = std::env::var_os("HF_HOME");
-    std::env::set_var("HF_HOME", tmp.path());
-    let results = (
-        Checkpoint::open("org/name"),
-        Checkpoint::open(&format!("org/name@{COMMIT}")),
-        Checkpoint::open("org/name@v9"),
-        Checkpoint::open("org/absent"),
-        Checkpoint::locate("org/name"),
+    let results = with_cache_vars(&[("HF_HOME", tmp.path())], || {
+        (
+            Checkpoint::open("org/name"),
+            Checkpoint::open(&format!("org/name@{COMMIT}")),
+            Checkpoint::open("org/name@v9"),
+            Checkpoint::open("org/absent"),
+            Checkpoint::locate("org/name"),
+        )
+    });
+    // HF_HUB_CACHE names the cache itself and comes first; without any of the variables there
+    // is no cache to look in, which is an error.
+    let elsewhere = tmp.path().join("elsewhere");
+    let hub_cache = with_cache_vars(
+        &[
+            ("HF_HUB_CACHE", &tmp.path().join("hub")),
+            ("HF_HOME", &elsewhere),
+        ],
+        || Checkpoint::locate("org/name"),
     );
-    match saved {
-        Some(value) => std::env::set_var("HF_HOME", value),
-        None => std::env::remove_var("HF_HOME"),
-    }
+    let under_home = with_cache_vars(&[("HOME", &elsewhere)], || Checkpoint::locate("org/name"));
+    let no_cache = with_cache_vars(&[], || Checkpoint::locate("org/name"));
+    let snapshot = tmp
+        .path()
+        .join("hub/models--org--name/snapshots")
+        .join(COMMIT);
+    assert_eq!(hub_cache.unwrap(), snapshot);
+    let home_hub = elsewhere.join(".cache/huggingface/hub");
+    assert_err(under_home, &[home_hub.to_str().unwrap()]);
+    assert_err(no_cache, &["org/name", "no Hub cache", "HF_HUB_CACHE"]);
     let from_dir = Checkpoint::from_dir(shipped("scale_batchnorm")).unwrap();
     let want = eval_output(&from_dir, "scale_batchnorm");
     for ckpt in [results.0.unwrap(), results.1.unwrap()] {
@@ -324,10 +373,6 @@ fn open_finds_repo_ids_in_the_cache_under_hf_home() {
         &["org/absent is not a directory here", "revision main", hub],
     );
     // The repo's snapshot, where its other files (a golden, say) lie too.
-    let snapshot = tmp
-        .path()
-        .join("hub/models--org--name/snapshots")
-        .join(COMMIT);
     assert_eq!(results.4.unwrap(), snapshot);
 }
 
@@ -1288,6 +1333,21 @@ fn save_refuses_a_config_that_would_not_read_back() {
             };
             bad.push((config, "missing \"scaling_factor\""));
         }
+        if name == "scale_batchnorm" {
+            let config = ModelConfig {
+                scaling_factor: Some(2.0),
+                ..ckpt.config.clone()
+            };
+            bad.push((config, "scale_batchnorm takes no \"scaling_factor\""));
+        }
+        for (in_features, out_features) in [(1 << 62, 4), (1 << 33, 1 << 33)] {
+            let config = ModelConfig {
+                in_features,
+                out_features,
+                ..ckpt.config.clone()
+            };
+            bad.push((config, "too large to address"));
+        }
         for (i, (config, needle)) in bad.into_iter().enumerate() {
             let dir = tmp.path().join(format!("{name}-{i}"));
             let shown = format!("{config:?}");
@@ -1381,6 +1441,29 @@ fn save_round_trips_and_refuses_wrong_tensor_sets() {
                 .collect(),
             "tensor \"bn.num_batches_tracked\" has dtype F32, expected int64".into(),
         ),
+        // The dtypes are checked as given, before the floats are converted to f32.
+        (
+            without("bn.num_batches_tracked")
+                .into_iter()
+                .chain([("bn.num_batches_tracked".to_string(), zeros(&[], DType::U32))])
+                .collect(),
+            "tensor \"bn.num_batches_tracked\" has dtype U32, expected int64".into(),
+        ),
+        (
+            without("gemm.weight")
+                .into_iter()
+                .chain([("gemm.weight".to_string(), zeros(&[27, 33], DType::U8))])
+                .collect(),
+            "tensor \"gemm.weight\" has dtype U8".into(),
+        ),
+        // A name given twice would keep only one of its tensors.
+        (
+            good.iter()
+                .cloned()
+                .chain([("scale".to_string(), zeros(&[27], DType::F32))])
+                .collect(),
+            "the tensor \"scale\" is given twice".into(),
+        ),
         (
             Checkpoint::from_dir(shipped("swish_scale"))
                 .unwrap()
@@ -1395,6 +1478,42 @@ fn save_round_trips_and_refuses_wrong_tensor_sets() {
         assert_err(Checkpoint::save(&dir, &ckpt.config, &tensors), &[&needle]);
         assert!(!dir.exists(), "a refused save created {}", dir.display());
     }
+}
+
+/// A save that fails while writing leaves the directory's previous checkpoint whole, and says
+/// which file it could not write.
+#[test]
+fn a_failed_save_keeps_the_previous_checkpoint() {
+    let tmp = TempDir::new("save-fails");
+    let dir = tmp.path().join("ckpt");
+    let first = Checkpoint::from_dir(shipped("sigmoid_residual")).unwrap();
+    let tensors =
+        |ckpt: &Checkpoint| -> Vec<(String, Tensor)> { ckpt.tensors.clone().into_iter().collect() };
+    Checkpoint::save(&dir, &first.config, &tensors(&first)).unwrap();
+    // Another model's save, whose weights cannot be written: a directory stands where the
+    // partial weights file would go.
+    let second = Checkpoint::from_dir(shipped("swish_scale")).unwrap();
+    std::fs::create_dir(dir.join(format!("{WEIGHTS_FILE}.partial"))).unwrap();
+    let weights = dir.join(WEIGHTS_FILE);
+    assert_err(
+        Checkpoint::save(&dir, &second.config, &tensors(&second)),
+        &["cannot write", weights.to_str().unwrap()],
+    );
+    let reloaded = Checkpoint::from_dir(&dir).unwrap();
+    assert_eq!(reloaded.config, first.config);
+    for (key, t) in &first.tensors {
+        assert_eq!(to_f64(&reloaded.tensors[key]), to_f64(t), "{key}");
+    }
+    // With the obstacle gone, the same save replaces the checkpoint and leaves nothing else.
+    std::fs::remove_dir(dir.join(format!("{WEIGHTS_FILE}.partial"))).unwrap();
+    Checkpoint::save(&dir, &second.config, &tensors(&second)).unwrap();
+    assert_eq!(Checkpoint::from_dir(&dir).unwrap().config, second.config);
+    let mut names: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, [CONFIG_FILE, WEIGHTS_FILE]);
 }
 
 /// A fixed regression target for a model's output.

@@ -93,8 +93,10 @@ pub(super) fn linear_targets(
 /// # Ok(()) }
 /// ```
 ///
-/// A trace holds the call's operands, the pre-activation `z` (one `batch × out` tensor) and, for
-/// BatchNorm, the `(2, out)` statistics until it is dropped. Calling `backward` twice gives the
+/// A trace holds, until it is dropped, the call's operands, its output `y` (the tensor the call
+/// returned, shared, not copied), the pre-activation `z` where the backward needs it (one
+/// `batch × out` tensor; not for an epilogue that is a constant factor) and, for BatchNorm, the
+/// `(2, out)` statistics. Calling `backward` twice gives the
 /// same gradients twice; gradients are never accumulated from one call to the next.
 pub struct Trace {
     op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
