@@ -8,16 +8,24 @@
 //!
 //! The task: regress `tanh(x·Aᵀ)` for a fixed random `A`, from inputs of unit variance, with AdamW
 //! on the model's parameters and the model in train mode (BatchNorm updates its running
-//! statistics). The result goes to `--out` (default `MODEL-finetuned`): `config.json` and
-//! `model.safetensors`, which `scripts/load_checkpoint.py` loads into the PyTorch module.
+//! statistics). In f16 and bf16 the model computes in that dtype while AdamW updates f32 copies
+//! of its parameters, with its moments in f32 (mixed precision): in f16 alone, the second moment
+//! of any gradient under about 1e-2 and AdamW's epsilon underflow to 0 and the first step divides
+//! by zero. The result goes to `--out` (default `NAME-finetuned` in the working directory, NAME
+//! the last part of MODEL), a directory that must not already hold a checkpoint's golden:
+//! `config.json` and `model.safetensors` (the f32 parameters), which
+//! `scripts/load_checkpoint.py` loads into the PyTorch module.
 
+mod common;
+
+use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Result, Tensor, Var};
 use candle_fused::{Checkpoint, Model, Precision, TracedModuleT};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 /// Batches in the synthetic dataset.
@@ -87,11 +95,17 @@ fn parse_args() -> Result<Args> {
     let device = match device.as_deref() {
         None => Device::cuda_if_available(0)?,
         Some("cpu") => Device::Cpu,
-        Some("cuda") => Device::new_cuda(0)?,
+        Some("cuda") if cfg!(feature = "cuda") => Device::new_cuda(0)?,
+        Some("cuda") => candle_core::bail!("--device cuda needs a build with `--features cuda`"),
         Some(other) => candle_core::bail!("unknown device {other:?}: expected cpu or cuda"),
     };
-    let out =
-        out.unwrap_or_else(|| PathBuf::from(format!("{}-finetuned", model.trim_end_matches('/'))));
+    // A Hub repo id's name without its revision, or a directory's last component.
+    let name = model.trim_end_matches('/');
+    let name = name.split('@').next().unwrap_or(name);
+    let name = Path::new(name)
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy());
+    let out = out.unwrap_or_else(|| PathBuf::from(format!("{name}-finetuned")));
     Ok(Args {
         model,
         steps,
@@ -105,9 +119,86 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(2);
+    common::exit_on_error(run());
+}
+
+/// Refuses an output directory that is the checkpoint being fine-tuned, or that holds a
+/// checkpoint's PyTorch golden, which would then lie beside weights it does not describe.
+fn check_out(out: &Path, source: &Path) -> Result<()> {
+    let same = match (out.canonicalize(), source.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => false,
+    };
+    if same {
+        candle_core::bail!(
+            "--out {} is the checkpoint being fine-tuned: choose another directory",
+            out.display()
+        );
+    }
+    if out.join("golden.safetensors").exists() {
+        candle_core::bail!(
+            "--out {} holds a golden.safetensors, which would not describe the fine-tuned \
+             weights: choose another directory",
+            out.display()
+        );
+    }
+    Ok(())
+}
+
+/// A (rows, cols) tensor of uniform values on [-bound, bound) on `device`; an error, not an
+/// abort, where its values cannot be allocated.
+fn uniform(
+    rng: &mut StdRng,
+    (rows, cols): (usize, usize),
+    bound: f32,
+    device: &Device,
+) -> Result<Tensor> {
+    let count = rows.checked_mul(cols).ok_or_else(|| {
+        candle_core::Error::Msg(format!("a {rows}x{cols} tensor is too large to address"))
+    })?;
+    let mut values = Vec::new();
+    values.try_reserve_exact(count).map_err(|e| {
+        candle_core::Error::Msg(format!("cannot allocate a {rows}x{cols} tensor: {e}"))
+    })?;
+    values.extend((0..count).map(|_| rng.random_range(-bound..bound)));
+    Tensor::from_vec(values, (rows, cols), device)
+}
+
+/// The model's parameters as the optimizer steps them: the model's own variables in f32; in
+/// a 16-bit dtype f32 copies ("master weights"), which [`Masters::step`] rounds back into the
+/// model after each step.
+struct Masters {
+    model: Vec<Var>,
+    master: Vec<Var>,
+}
+
+impl Masters {
+    fn new(model: Vec<Var>) -> Result<Self> {
+        let master = model
+            .iter()
+            .map(|v| match v.dtype() {
+                DType::F32 => Ok(v.clone()),
+                _ => Var::from_tensor(&v.to_dtype(DType::F32)?),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { model, master })
+    }
+
+    /// One optimizer step from the model's gradients `grads`.
+    fn step(&self, optimizer: &mut AdamW, grads: &GradStore) -> Result<()> {
+        let mut master_grads = GradStore::default();
+        for (model, master) in self.model.iter().zip(&self.master) {
+            if let Some(g) = grads.get(model.as_tensor()) {
+                master_grads.insert(master.as_tensor(), g.to_dtype(DType::F32)?);
+            }
+        }
+        optimizer.step(&master_grads)?;
+        for (model, master) in self.model.iter().zip(&self.master) {
+            if model.dtype() != DType::F32 {
+                model.set(&master.as_tensor().to_dtype(model.dtype())?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -127,11 +218,23 @@ fn progress(step: usize, steps: usize, loss: f32, start: Instant) {
 fn run() -> Result<()> {
     let args = parse_args()?;
     candle_fused::keep_freed_device_memory(&args.device)?;
-    let checkpoint = Checkpoint::open(&args.model)?;
-    // The output directory before the steps, so that an unwritable one fails at once.
+    let source = Checkpoint::locate(&args.model)?;
+    let checkpoint = Checkpoint::from_dir(&source)?;
+    check_out(&args.out, &source)?;
+    // The output directory before the steps, so that an unwritable one fails at once; a run
+    // that fails removes it again if it made it and left it empty.
+    let made_out = !args.out.exists();
     std::fs::create_dir_all(&args.out).map_err(|e| {
         candle_core::Error::Msg(format!("cannot create {}: {e}", args.out.display()))
     })?;
+    let result = fine_tune(&args, &checkpoint);
+    if result.is_err() && made_out {
+        let _ = std::fs::remove_dir(&args.out);
+    }
+    result
+}
+
+fn fine_tune(args: &Args, checkpoint: &Checkpoint) -> Result<()> {
     let config = checkpoint.config.clone();
     let varmap = checkpoint.var_map(args.dtype, &args.device)?;
     let vb = VarBuilder::from_varmap(&varmap, args.dtype, &args.device);
@@ -151,13 +254,7 @@ fn run() -> Result<()> {
     // The synthetic task, fixed by a seed: a dataset of batches, made once and cycled.
     let mut rng = StdRng::seed_from_u64(0);
     // Uniform on [-√3, √3]: zero mean, unit variance.
-    let mut unit = |shape: (usize, usize)| -> Result<Tensor> {
-        let bound = 3f32.sqrt();
-        let values: Vec<f32> = (0..shape.0 * shape.1)
-            .map(|_| rng.random_range(-bound..bound))
-            .collect();
-        Tensor::from_vec(values, shape, &args.device)
-    };
+    let mut unit = |shape: (usize, usize)| uniform(&mut rng, shape, 3f32.sqrt(), &args.device);
     let teacher =
         (unit((config.out_features, config.in_features))? / (config.in_features as f64).sqrt())?;
     let dataset = (0..DATASET_BATCHES)
@@ -173,7 +270,8 @@ fn run() -> Result<()> {
         weight_decay: 0.0,
         ..Default::default()
     };
-    let mut optimizer = AdamW::new(model.trainable_vars()?, params)?;
+    let masters = Masters::new(model.trainable_vars()?)?;
+    let mut optimizer = AdamW::new(masters.master.clone(), params)?;
     let start = Instant::now();
     let mut last = f32::NAN;
     for step in 1..=args.steps {
@@ -187,18 +285,26 @@ fn run() -> Result<()> {
             Some(dy) => dy.to_dtype(args.dtype)?,
             None => candle_core::bail!("the loss does not depend on the model's output"),
         };
-        optimizer.step(&trace.backward(&dy)?)?;
+        masters.step(&mut optimizer, &trace.backward(&dy)?)?;
+        // The loss is read (a device synchronisation) only every ten steps.
         if step == 1 || step % 10 == 0 || step == args.steps {
             last = loss.to_scalar::<f32>()?;
             progress(step, args.steps, last, start);
+            if !last.is_finite() {
+                eprintln!();
+                candle_core::bail!("the loss diverged ({last}) at step {step}; try a smaller --lr");
+            }
         }
     }
     eprintln!();
-    if !last.is_finite() {
-        candle_core::bail!("the loss diverged ({last}); try a smaller --lr");
-    }
 
-    let mut tensors = model.parameters();
+    // The f32 parameters, under the model's names, and the model's buffers.
+    let mut tensors: Vec<(String, Tensor)> = model
+        .parameters()
+        .into_iter()
+        .zip(&masters.master)
+        .map(|((name, _), master)| (name, master.as_tensor().clone()))
+        .collect();
     tensors.extend(model.buffers());
     Checkpoint::save(&args.out, &config, &tensors)?;
     println!(
