@@ -20,6 +20,8 @@
 //! the measured copy bandwidth, and the time of its FLOPs at the measured rate of a large
 //! plain matmul in the same precision.
 
+mod common;
+
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_fused::{Checkpoint, Model, ModelConfig, ModelKind, Precision, TracedModuleT};
 use std::time::Instant;
@@ -50,8 +52,11 @@ fn parse_args() -> Result<Args> {
             "--device" => {
                 device = match value()?.as_str() {
                     "cpu" => Device::Cpu,
-                    "cuda" => Device::new_cuda(0)?,
-                    other => candle_core::bail!("unknown device {other:?}"),
+                    "cuda" if cfg!(feature = "cuda") => Device::new_cuda(0)?,
+                    "cuda" => {
+                        candle_core::bail!("--device cuda needs a build with `--features cuda`")
+                    }
+                    other => candle_core::bail!("unknown device {other:?}: expected cpu or cuda"),
                 }
             }
             "--modes" => modes = Some(value()?),
@@ -84,6 +89,13 @@ fn parse_args() -> Result<Args> {
         .split(',')
         .map(str::parse)
         .collect::<Result<Vec<ModelKind>>>()?;
+    let modes: Vec<String> = modes.split(',').map(str::to_string).collect();
+    for mode in &modes {
+        mode_kind(mode)?;
+    }
+    if iters == 0 {
+        candle_core::bail!("--iters must be at least 1");
+    }
     let reference_size = match size.as_deref() {
         None => gpu,
         Some("reference") => true,
@@ -92,11 +104,11 @@ fn parse_args() -> Result<Args> {
     };
     Ok(Args {
         device,
-        modes: modes.split(',').map(str::to_string).collect(),
+        modes,
         problems,
         reference_size,
         train,
-        iters: iters.max(1),
+        iters,
         json,
     })
 }
@@ -355,8 +367,12 @@ fn tensor_copy_ms(device: &Device, elems: usize) -> Result<f64> {
 
 /// The dtype and precision of a mode; sets Candle's own TF32 switch for the plain models.
 fn mode_settings(mode: &str) -> Result<(DType, Precision)> {
-    let tf32 = mode == "tf32";
-    candle_core::cuda::set_gemm_reduced_precision_f32(tf32);
+    candle_core::cuda::set_gemm_reduced_precision_f32(mode == "tf32");
+    mode_kind(mode)
+}
+
+/// The dtype and precision of a mode.
+fn mode_kind(mode: &str) -> Result<(DType, Precision)> {
     Ok(match mode {
         "f32" => (DType::F32, Precision::Exact),
         "tf32" => (DType::F32, Precision::Tf32),
@@ -366,13 +382,23 @@ fn mode_settings(mode: &str) -> Result<(DType, Precision)> {
     })
 }
 
-fn main() -> Result<()> {
+fn main() {
+    common::exit_on_error(run());
+}
+
+fn run() -> Result<()> {
     let args = parse_args()?;
-    // Opened before the minutes of measuring, so that an unwritable path fails at once.
+    // Opened before the minutes of measuring, so that an unwritable path fails at once, but
+    // emptied only when the results are written: a failed run leaves an older file as it was.
     let json_file = match &args.json {
         Some(path) => Some((
             path,
-            std::fs::File::create(path).map_err(|e| cannot_write(path, e))?,
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(path)
+                .map_err(|e| cannot_write(path, e))?,
         )),
         None => None,
     };
@@ -472,6 +498,7 @@ fn main() -> Result<()> {
             "iters": args.iters,
             "rows": rows,
         });
+        file.set_len(0).map_err(|e| cannot_write(path, e))?;
         serde_json::to_writer_pretty(file, &doc).map_err(|e| cannot_write(path, e))?;
     }
     Ok(())

@@ -9,15 +9,17 @@
 //! Hub repo id in the local cache. Without `--input`, the checkpoint's `golden.safetensors` (in
 //! its directory, or in the repo's snapshot) is run and every output is compared with PyTorch's;
 //! the exit status is non-zero when any is out of tolerance. With `--input FILE` (a safetensors
-//! file with `x` and optionally `g`), the outputs are written to `--output` as f32: `y`, and
-//! given `g` the gradients `grad.x` and `grad.<parameter>`, and with `--train` on a BatchNorm
-//! model the running statistics.
+//! file with `x` and optionally `g`), the outputs are written to `--output` (floats as f32): `y`,
+//! and given `g` the gradients `grad.x` and `grad.<parameter>`, and with `--train` on a BatchNorm
+//! model the running statistics and the batch count (int64).
+
+mod common;
 
 use candle_core::{DType, Device, Result, Tensor};
 use candle_fused::parity::{compare, forward_backward, tolerance, GradientPath};
 use candle_fused::{Checkpoint, Model, Precision};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 const USAGE: &str = "usage: run MODEL [--input FILE] [--output FILE] [--train] [--device cpu|cuda] [--dtype f32|f16|bf16] [--precision exact|tf32]";
@@ -76,10 +78,38 @@ fn parse_args() -> Result<Args> {
     if parsed.model.is_empty() {
         candle_core::bail!("missing MODEL\n{USAGE}");
     }
-    if parsed.output.is_some() && parsed.input.is_none() {
-        candle_core::bail!("--output needs --input (without --input the golden is checked)");
+    if let Some(output) = &parsed.output {
+        let Some(input) = &parsed.input else {
+            candle_core::bail!("--output needs --input (without --input the golden is checked)");
+        };
+        check_output(output, input)?;
     }
     Ok(parsed)
+}
+
+/// Refuses, before any work, an `--output` that could not be written or that is the input.
+fn check_output(output: &Path, input: &Path) -> Result<()> {
+    let why = if output.is_dir() {
+        Some("is a directory".to_string())
+    } else if output
+        .canonicalize()
+        .ok()
+        .is_some_and(|o| input.canonicalize().ok() == Some(o))
+    {
+        Some("is the --input file".to_string())
+    } else {
+        match output.parent().filter(|p| !p.as_os_str().is_empty()) {
+            Some(parent) if !parent.is_dir() => Some(format!(
+                "is in {}, which is not a directory",
+                parent.display()
+            )),
+            _ => None,
+        }
+    };
+    match why {
+        Some(why) => candle_core::bail!("cannot write --output {}: it {why}", output.display()),
+        None => Ok(()),
+    }
 }
 
 fn device(choice: Option<&str>) -> Result<Device> {
@@ -106,10 +136,7 @@ fn read_safetensors(path: &PathBuf) -> Result<HashMap<String, Tensor>> {
 }
 
 fn main() {
-    if let Err(e) = run() {
-        eprintln!("error: {e}");
-        std::process::exit(2);
-    }
+    common::exit_on_error(run());
 }
 
 fn run() -> Result<()> {
@@ -179,14 +206,20 @@ fn run() -> Result<()> {
         Some(path) => {
             let mut written = HashMap::new();
             for (name, t) in &outputs {
-                if t.dtype().is_float() {
-                    written.insert(
-                        name.clone(),
-                        t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?,
-                    );
-                }
+                let t = t.to_device(&Device::Cpu)?;
+                let t = if t.dtype().is_float() {
+                    t.to_dtype(DType::F32)?
+                } else {
+                    t
+                };
+                written.insert(name.as_str(), t);
             }
-            candle_core::safetensors::save(&written, path)?;
+            let cannot_write = |e: &dyn std::fmt::Display| {
+                format!("cannot write --output {}: {e}", path.display())
+            };
+            let bytes = safetensors::serialize(&written, None)
+                .map_err(|e| candle_core::Error::Msg(cannot_write(&e)))?;
+            std::fs::write(path, bytes).map_err(|e| candle_core::Error::Msg(cannot_write(&e)))?;
             println!("wrote {} tensors to {}", written.len(), path.display());
         }
         None if args.input.is_none() => {
