@@ -55,7 +55,8 @@ Export a module you trained yourself (from Python)::
 ``export_module`` accepts instances of the three classes (matched by class
 name, so a copy of the class defined in your own training code works too) and
 raises ``ValueError`` for anything else.  Pass ``golden=False`` to skip the
-golden file.
+golden file (one already in the directory is then removed: it would describe
+other weights).
 
 Requires ``torch`` and ``safetensors``.
 """
@@ -329,9 +330,13 @@ def export_module(module: nn.Module, out_dir: str, *, batch: int = 16, seed: int
 
     _save(module32.state_dict(), os.path.join(out_dir, "model.safetensors"))
 
+    golden_path = os.path.join(out_dir, "golden.safetensors")
     if golden:
         x, g = make_inputs(batch, config["in_features"], config["out_features"], seed)
-        _save(compute_golden(module32, x, g), os.path.join(out_dir, "golden.safetensors"))
+        _save(compute_golden(module32, x, g), golden_path)
+    elif os.path.exists(golden_path):
+        # A golden of what the directory held before would not describe these weights.
+        os.remove(golden_path)
     return config
 
 

@@ -2,12 +2,16 @@
 """Load a candle-fused checkpoint directory into the PyTorch reference module.
 
 A checkpoint directory holds ``config.json`` and ``model.safetensors`` (as
-written by the crate or by ``scripts/export.py``).  This script
+written by the crate or by ``scripts/export.py``), or instead of the latter the
+shards that ``model.safetensors.index.json`` names, as the crate reads them.
+This script
 
-1. validates ``config.json`` and builds the matching PyTorch module
+1. validates ``config.json`` (with the crate's defaults: ``eps`` 1e-5 and
+   ``momentum`` 0.1 for scale_batchnorm) and builds the matching PyTorch module
    (SwishScale, ScaleBatchNorm or SigmoidResidual, defined in ``export.py``);
-2. checks that ``model.safetensors`` has exactly the module's state_dict keys,
-   with the right shapes and dtypes, and finite values;
+2. checks that the weights have exactly the module's state_dict keys, with the
+   right shapes and dtypes (any float dtype for the floats, converted to the
+   module's float32), and finite values;
 3. loads it with ``load_state_dict(strict=True)`` and prints a summary;
 4. with ``--golden FILE``, recomputes every tensor of that golden file from the
    loaded module (float64, train and eval mode, gradients, BatchNorm buffers)
@@ -61,10 +65,10 @@ def read_config(ckpt_dir: str) -> dict:
         if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
             raise CheckpointError(f"{path}: '{key}' must be a positive integer, got {value!r}")
     if model == "scale_batchnorm":
+        config.setdefault("eps", 1e-5)
+        config.setdefault("momentum", 0.1)
         if not _is_number(config.get("eps")) or config["eps"] <= 0:
             raise CheckpointError(f"{path}: 'eps' must be a positive number")
-        if "momentum" not in config:
-            raise CheckpointError(f"{path}: missing 'momentum' (use null for a cumulative average)")
         if config["momentum"] is not None and not _is_number(config["momentum"]):
             raise CheckpointError(f"{path}: 'momentum' must be a number or null")
     elif not _is_number(config.get("scaling_factor")):
@@ -87,16 +91,37 @@ def build_from_config(config: dict) -> torch.nn.Module:
     return cls(n_in, n_out, float(config["scaling_factor"]))
 
 
+def read_weights(ckpt_dir: str) -> tuple[str, dict]:
+    """The weights' path and tensors: ``model.safetensors``, or the shards of its index."""
+    path = os.path.join(ckpt_dir, "model.safetensors")
+    index = os.path.join(ckpt_dir, "model.safetensors.index.json")
+    if os.path.exists(path) or not os.path.exists(index):
+        try:
+            return path, load_file(path)
+        except Exception as err:  # safetensors raises several error types
+            raise CheckpointError(f"cannot read {path}: {err}")
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        state = {}
+        for shard in sorted(set(weight_map.values())):
+            tensors = load_file(os.path.join(ckpt_dir, shard))
+            for name, tensor in tensors.items():
+                if weight_map.get(name) != shard:
+                    raise CheckpointError(f"{index}: {shard} holds {name!r}, which the index does not give it")
+                state[name] = tensor
+    except CheckpointError:
+        raise
+    except Exception as err:
+        raise CheckpointError(f"cannot read {index} and its shards: {err}")
+    return index, state
+
+
 def load_checkpoint(ckpt_dir: str) -> torch.nn.Module:
     """Build the module from ``ckpt_dir`` and load its weights strictly."""
     config = read_config(ckpt_dir)
     module = build_from_config(config)
-
-    path = os.path.join(ckpt_dir, "model.safetensors")
-    try:
-        state = load_file(path)
-    except Exception as err:  # safetensors raises several error types
-        raise CheckpointError(f"cannot read {path}: {err}")
+    path, state = read_weights(ckpt_dir)
 
     expected = module.state_dict()
     missing = sorted(set(expected) - set(state))
@@ -110,8 +135,8 @@ def load_checkpoint(ckpt_dir: str) -> torch.nn.Module:
         if tuple(tensor.shape) != tuple(ref.shape):
             problems.append(f"{name}: shape {tuple(tensor.shape)}, expected {tuple(ref.shape)}")
         elif ref.is_floating_point():
-            if tensor.dtype != torch.float32:
-                problems.append(f"{name}: dtype {tensor.dtype}, expected torch.float32")
+            if not tensor.is_floating_point():
+                problems.append(f"{name}: dtype {tensor.dtype}, expected a float dtype")
             elif not torch.isfinite(tensor).all():
                 problems.append(f"{name}: contains non-finite values")
         elif tensor.dtype != ref.dtype:
@@ -123,6 +148,8 @@ def load_checkpoint(ckpt_dir: str) -> torch.nn.Module:
     if problems:
         raise CheckpointError(f"{path}:\n  " + "\n  ".join(problems))
 
+    # Floats in the module's dtype (load_state_dict would convert them too, but say so here).
+    state = {name: t.to(expected[name].dtype) if t.is_floating_point() else t for name, t in state.items()}
     module.load_state_dict(state, strict=True)
 
     # The config the exporter would infer from the loaded module must agree.
