@@ -350,6 +350,9 @@ fn open_finds_repo_ids_in_the_cache_under_hf_home() {
         || Checkpoint::locate("org/name"),
     );
     let under_home = with_cache_vars(&[("HOME", &elsewhere)], || Checkpoint::locate("org/name"));
+    // A leading `~/` is HOME, as a shell would expand it.
+    let tilde = with_cache_vars(&[("HOME", tmp.path())], || Checkpoint::locate("~/hub"));
+    assert_eq!(tilde.unwrap(), tmp.path().join("hub"));
     let no_cache = with_cache_vars(&[], || Checkpoint::locate("org/name"));
     let snapshot = tmp
         .path()
