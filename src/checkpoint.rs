@@ -302,10 +302,11 @@ impl Checkpoint {
     }
 
     /// The directory that holds the checkpoint at `location`: `location` itself if it is a
-    /// directory (a leading `~/` standing for `HOME`), else the snapshot folder of a Hub repo id (`owner/name`, optionally
-    /// `owner/name@revision`) in the default cache, which holds the repo's other files too. The
-    /// default cache is where `huggingface_hub` puts it: `HF_HUB_CACHE`, else `HF_HOME/hub`,
-    /// else `XDG_CACHE_HOME/huggingface/hub`, else `~/.cache/huggingface/hub`.
+    /// directory (a leading `~/` standing for `HOME`), else the snapshot folder of a Hub repo id
+    /// (`owner/name`, optionally `owner/name@revision`) in the default cache, which holds the
+    /// repo's other files too. The default cache is where `huggingface_hub` puts it:
+    /// `HF_HUB_CACHE`, else `HF_HOME/hub`, else `XDG_CACHE_HOME/huggingface/hub`, else
+    /// `~/.cache/huggingface/hub`.
     pub fn locate(location: &str) -> Result<PathBuf> {
         // A leading `~/` is the home directory, as a shell would read it.
         let home = std::env::var_os("HOME").filter(|h| !h.is_empty());

@@ -96,8 +96,8 @@ pub(super) fn linear_targets(
 /// A trace holds, until it is dropped, the call's operands, its output `y` (the tensor the call
 /// returned, shared, not copied), the pre-activation `z` where the backward needs it (one
 /// `batch × out` tensor; not for an epilogue that is a constant factor) and, for BatchNorm, the
-/// `(2, out)` statistics. Calling `backward` twice gives the
-/// same gradients twice; gradients are never accumulated from one call to the next.
+/// `(2, out)` statistics. Calling `backward` twice gives the same gradients twice; gradients are
+/// never accumulated from one call to the next.
 pub struct Trace {
     op: Arc<Box<dyn CustomOp3 + Send + Sync>>,
     /// `x`, the weight and the op's third input (the parameter table, or its first vector when
