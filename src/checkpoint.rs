@@ -208,6 +208,8 @@ impl ModelConfig {
         if !(self.eps.is_finite() && self.eps > 0.0) {
             bail!("\"eps\" must be positive and finite, got {}", self.eps);
         }
+        crate::ops::check_eps(self.eps)
+            .map_err(|e| candle_core::Error::Msg(format!("\"eps\": {e}")))?;
         match self.momentum {
             Some(m) if !(0.0..=1.0).contains(&m) => {
                 bail!("\"momentum\" must be in [0, 1] or null, got {m}")

@@ -265,9 +265,8 @@ impl ScaleBatchNorm {
         eps: f64,
         momentum: Option<f64>,
     ) -> Result<Self> {
-        if eps.is_nan() || eps <= 0.0 {
-            bail!("ScaleBatchNorm: eps must be positive, got {eps}");
-        }
+        crate::ops::check_eps(eps)
+            .map_err(|e| candle_core::Error::Msg(format!("ScaleBatchNorm: {e}")))?;
         if let Some(m) = momentum {
             if !(0.0..=1.0).contains(&m) {
                 bail!("ScaleBatchNorm: momentum must be in [0, 1], got {m}");

@@ -563,9 +563,7 @@ impl BatchNormCall {
                 "{OP}: train mode needs more than one value per feature, got a batch of {batch}"
             );
         }
-        if bn.eps.is_nan() || bn.eps <= 0.0 {
-            candle_core::bail!("{OP}: eps must be positive, got {}", bn.eps);
-        }
+        check_eps(bn.eps).map_err(|e| candle_core::Error::Msg(format!("{OP}: {e}")))?;
         let [x, weight, gamma, beta] = graph.operands([x, weight, bn.weight, bn.bias]);
         let bias = bias.map(|b| graph.operand(b));
         let mut rows: Vec<Tensor> = scale.map(|s| graph.operand(s)).into_iter().collect();
@@ -612,6 +610,21 @@ impl BatchNormCall {
             params,
         })
     }
+}
+
+/// BatchNorm's eps must be positive, and stay positive as the f32 that the CUDA kernels take
+/// (an eps under f32's smallest value would be 0 there, and a constant feature's 1/σ infinite).
+pub(crate) fn check_eps(eps: f64) -> std::result::Result<(), String> {
+    if eps.is_nan() || eps <= 0.0 {
+        return Err(format!("eps must be positive, got {eps}"));
+    }
+    if eps as f32 == 0.0 {
+        return Err(format!(
+            "eps {eps:e} is 0 as an f32, which the GPU computes with: it must be at least {:e}",
+            f32::from_bits(1)
+        ));
+    }
+    Ok(())
 }
 
 impl Saved {

@@ -59,6 +59,7 @@
 
 mod autograd;
 mod batch_norm;
+pub(crate) use batch_norm::check_eps;
 mod linear;
 mod trace;
 
