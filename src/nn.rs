@@ -45,11 +45,7 @@ impl FusedLinear {
         scale: Option<Tensor>,
         epilogue: Epilogue,
     ) -> Result<Self> {
-        if epilogue.has_scale_param() != scale.is_some() {
-            bail!(
-                "FusedLinear: a scale tensor must be given exactly when the epilogue's scale is per feature"
-            );
-        }
+        check_scale_given(&epilogue, scale.is_some())?;
         Ok(Self {
             weight,
             bias,
@@ -79,6 +75,8 @@ impl FusedLinear {
         epilogue: Epilogue,
         scale: Option<Tensor>,
     ) -> Result<Self> {
+        // Refused before any variable is made, so that a VarMap is left as it was.
+        check_scale_given(&epilogue, scale.is_some())?;
         // nn.Linear's default init: U(-1/sqrt(in), 1/sqrt(in)) for both tensors.
         let bound = 1.0 / (in_features as f64).sqrt();
         let init = Init::Uniform {
@@ -458,9 +456,23 @@ pub enum Model {
     SigmoidResidual(SigmoidResidual),
 }
 
+/// A layer's scale tensor must be given exactly when its epilogue's scale is per feature.
+fn check_scale_given(epilogue: &Epilogue, given: bool) -> Result<()> {
+    if epilogue.has_scale_param() != given {
+        bail!(
+            "FusedLinear: a scale tensor must be given exactly when the epilogue's scale is per feature"
+        );
+    }
+    Ok(())
+}
+
 impl Model {
-    /// Builds the model that `config` describes from `vb` (PyTorch's key names).
+    /// Builds the model that `config` describes from `vb` (PyTorch's key names), once the config
+    /// passes [`ModelConfig::validate`] (a config built in code skips the JSON reader's checks).
     pub fn load(vb: VarBuilder, config: &ModelConfig) -> Result<Self> {
+        config.validate().map_err(|e| {
+            candle_core::Error::Msg(format!("{}: invalid config: {e}", config.kind.name()))
+        })?;
         let (i, o) = (config.in_features, config.out_features);
         let factor = || {
             config.scaling_factor.ok_or_else(|| {

@@ -830,7 +830,10 @@ fn eps_must_be_positive_and_momentum_in_range() {
             VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
             &cfg,
         ),
-        &["eps must be positive"],
+        &[
+            "scale_batchnorm: invalid config",
+            "\"eps\" must be positive",
+        ],
     );
     // And a SwishScale config without its factor is refused by name.
     let cfg = ModelConfig {
@@ -843,8 +846,31 @@ fn eps_must_be_positive_and_momentum_in_range() {
             VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
             &cfg,
         ),
-        &["swish_scale", "no scaling_factor"],
+        &["swish_scale: invalid config", "missing \"scaling_factor\""],
     );
+    // Sizes of no weight or of one too large to address, and a factor that is not finite,
+    // are refused before any variable is made.
+    for cfg in [
+        config(ModelKind::SigmoidResidual, 0, 6),
+        config(ModelKind::SigmoidResidual, 1 << 62, 4),
+        ModelConfig {
+            scaling_factor: Some(f64::NAN),
+            ..config(ModelKind::SwishScale, 8, 6)
+        },
+    ] {
+        let map = VarMap::new();
+        let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+        assert_err(Model::load(vb, &cfg), &["invalid config"]);
+        assert!(map.all_vars().is_empty(), "{cfg:?} made variables");
+    }
+    // FusedLinear::load has no per-feature scale to give: refused, with no variable made.
+    let map = VarMap::new();
+    let vb = VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu);
+    assert_err(
+        FusedLinear::load(vb, 3, 2, Epilogue::per_feature_scale()),
+        &["a scale tensor must be given exactly when"],
+    );
+    assert!(map.all_vars().is_empty());
 }
 
 #[test]
